@@ -1,0 +1,107 @@
+"""Read local Hugging Face model folders without downloading anything.
+
+A folder holds ``config.json`` and weights as ``model.safetensors``, sharded ``*.safetensors`` with
+``model.safetensors.index.json``, or ``pytorch_model.bin`` (optionally sharded with
+``pytorch_model.bin.index.json``). Tensors are read lazily, one key at a time, so converting a 7B model
+never holds a second full copy on the host.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+
+from avi_jax.errors import CheckpointError
+
+_SAFE_SINGLE = "model.safetensors"
+_SAFE_INDEX = "model.safetensors.index.json"
+_BIN_SINGLE = "pytorch_model.bin"
+_BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def read_config(folder: str) -> dict:
+    """Return the parsed ``config.json`` of ``folder``; ``CheckpointError`` if missing or malformed."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: pretrained model folder does not exist")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing; a Hugging Face model folder needs config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable config: {e}") from e
+
+
+class HFCheckpoint:
+    """Lazy, read-only mapping ``parameter name -> np.ndarray`` over a Hugging Face folder.
+
+    Raises ``CheckpointError`` naming the folder when no weight file is found, and naming the key
+    and file when a tensor is missing.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.config = read_config(folder)
+        self._files: dict[str, str] = {}   # key -> file
+        self._bin_cache: dict[str, dict[str, np.ndarray]] = {}
+        single, index = self._layout()
+        if index:
+            with open(os.path.join(folder, index)) as f:
+                weight_map = json.load(f)["weight_map"]
+            self._files = {k: os.path.join(folder, v) for k, v in weight_map.items()}
+        else:
+            path = os.path.join(folder, single)
+            for key in self._file_keys(path):
+                self._files[key] = path
+
+    def _layout(self) -> tuple[str | None, str | None]:
+        names = set(os.listdir(self.folder))
+        if _SAFE_INDEX in names:
+            return None, _SAFE_INDEX
+        if _SAFE_SINGLE in names:
+            return _SAFE_SINGLE, None
+        if _BIN_INDEX in names:
+            return None, _BIN_INDEX
+        if _BIN_SINGLE in names:
+            return _BIN_SINGLE, None
+        raise CheckpointError(
+            f"{self.folder}: no weights found; expected {_SAFE_SINGLE}, {_SAFE_INDEX} with shards, "
+            f"or {_BIN_SINGLE}")
+
+    def _file_keys(self, path: str) -> list[str]:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, framework="numpy") as f:
+                return list(f.keys())
+        return list(self._load_bin(path))
+
+    def _load_bin(self, path: str) -> dict[str, np.ndarray]:
+        if path not in self._bin_cache:
+            from avi_jax.checkpoints.torch_bin import load_torch_bin
+            self._bin_cache = {path: load_torch_bin(path)}   # keep one shard in memory at a time
+        return self._bin_cache[path]
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._files
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._files:
+            raise CheckpointError(f"{self.folder}: checkpoint has no tensor '{key}'")
+        path = self._files[key]
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, framework="numpy") as f:
+                return f.get_tensor(key)
+        return self._load_bin(path)[key]

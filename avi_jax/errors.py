@@ -1,0 +1,25 @@
+"""The project's exception types.
+
+Every error caused by bad input (a file, a folder, a config field) is raised as one of these, with a
+message that names the offending file or field and what is wrong with it.
+"""
+
+
+class AviJaxError(Exception):
+    """Base class of the errors avi_jax raises on purpose."""
+
+
+class InputError(AviJaxError, ValueError):
+    """Bad user input: unreadable/empty audio, NaN coefficients, wrong shapes, missing files."""
+
+
+class ConfigError(AviJaxError, ValueError):
+    """A config field is missing or inconsistent (e.g. a pretrained path that does not exist)."""
+
+
+class CheckpointError(AviJaxError, ValueError):
+    """A checkpoint folder or file cannot be read or does not match the model."""
+
+
+class UnsafePickleError(CheckpointError):
+    """A pickle asked for a global outside the allow-list; nothing from it was executed."""

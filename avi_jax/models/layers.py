@@ -1,0 +1,147 @@
+"""Building blocks shared by every model: logically partitioned dense/norm layers and attention.
+
+Every parameter carries logical axis names (``nn.with_logical_partitioning``); the mapping of logical
+names to mesh axes lives in ``configs/common.py`` (``logical_axis_rules``). Logical names used here:
+``embed`` (model width), ``mlp`` (feed-forward width), ``heads`` (flattened heads x head_dim),
+``kv`` (flattened key/value heads x head_dim), ``vocab``, ``queries``, ``conv``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def Dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool = True,
+          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+          kernel_init: Initializer = default_kernel_init, name: str | None = None) -> nn.Dense:
+    """``nn.Dense`` whose kernel (in, out) carries logical ``axes`` and whose bias carries ``axes[1]``.
+
+    The kernel is stored (in_features, out_features): a PyTorch ``nn.Linear.weight`` (out, in) maps to
+    it transposed.
+    """
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+        name=name)
+
+
+def LayerNorm(eps: float, *, axis_name: str | None = "embed", dtype: Dtype = jnp.float32,
+              use_bias: bool = True, use_scale: bool = True, name: str | None = None) -> nn.LayerNorm:
+    """``nn.LayerNorm`` over the last axis with logically named scale/bias (PyTorch weight -> scale)."""
+    return nn.LayerNorm(
+        epsilon=eps, dtype=dtype, use_bias=use_bias, use_scale=use_scale,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis_name,)),
+        name=name)
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                          mask: jax.Array | None = None, *, scale: float | None = None) -> jax.Array:
+    """Scaled dot-product attention with grouped-query support.
+
+    Args:
+      query: (B, T, H, D).
+      key, value: (B, S, K, D) with ``H % K == 0`` (K < H is grouped-query attention: each group of
+        H // K query heads shares one key/value head, as in LLaMA-2/3).
+      mask: boolean, broadcastable to (B, H, T, S); True where attention is allowed. A row with no
+        allowed position yields a uniform average (its output is meaningless and must be masked by
+        the caller, as in the reference implementations).
+      scale: logit scale, default ``D ** -0.5``.
+
+    Returns:
+      (B, T, H, D) in the dtype of ``query``. Logits and softmax are computed in float32.
+    """
+    b, t, h, d = query.shape
+    k_heads = key.shape[2]
+    if h % k_heads:
+        raise ValueError(f"{h} query heads are not a multiple of {k_heads} key/value heads")
+    scale = d ** -0.5 if scale is None else scale
+    q = query.reshape(b, t, k_heads, h // k_heads, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, key, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (b, h, t, key.shape[1])).reshape(b, k_heads, h // k_heads, t, -1)
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, value)
+    return out.reshape(b, t, h, d)
+
+
+def key_padding_mask(key_valid: jax.Array | None) -> jax.Array | None:
+    """Attention mask (B, 1, 1, S) from key validity (B, S) (True = real, False = padding).
+
+    Only keys are masked; padded queries still attend (their outputs are ignored by the caller), as
+    in the reference models. None (all keys valid) passes through.
+    """
+    if key_valid is None:
+        return None
+    return key_valid[:, None, None, :].astype(bool)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head (optionally grouped-query) attention with separate q/k/v/out projections.
+
+    Submodules ``query``, ``key``, ``value``, ``out`` map one-to-one onto the q/k/v/o ``nn.Linear``
+    layers of BERT, HuBERT/Wav2Vec2 and the Q-Former.
+
+    Attributes:
+      num_heads: query heads H.
+      head_dim: D.
+      num_kv_heads: K (default H).
+      out_features: output width (default: the input width of ``inputs_q``).
+    """
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None
+    use_bias: bool = True
+    out_features: int | None = None
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None,
+                 mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        """inputs_q (B, T, E), inputs_kv (B, S, E') (default inputs_q), mask bool (B, 1|H, T, S)."""
+        inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+        kv_heads = self.num_kv_heads or self.num_heads
+        b, t, _ = inputs_q.shape
+        s = inputs_kv.shape[1]
+        q = Dense(self.num_heads * self.head_dim, ("embed", "heads"), use_bias=self.use_bias,
+                  dtype=self.dtype, name="query")(inputs_q)
+        k = Dense(kv_heads * self.head_dim, ("embed", "kv"), use_bias=self.use_bias,
+                  dtype=self.dtype, name="key")(inputs_kv)
+        v = Dense(kv_heads * self.head_dim, ("embed", "kv"), use_bias=self.use_bias,
+                  dtype=self.dtype, name="value")(inputs_kv)
+        out = dot_product_attention(
+            q.reshape(b, t, self.num_heads, self.head_dim), k.reshape(b, s, kv_heads, self.head_dim),
+            v.reshape(b, s, kv_heads, self.head_dim), mask)
+        out = out.reshape(b, t, self.num_heads * self.head_dim)
+        if self.dropout_rate > 0:
+            out = nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
+        return Dense(self.out_features or inputs_q.shape[-1], ("heads", "embed"),
+                     use_bias=self.use_bias, dtype=self.dtype, name="out")(out)
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """Hugging Face ``hidden_act`` names -> JAX functions (exact erf GELU for "gelu")."""
+    table = {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+        "relu": jax.nn.relu,
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "tanh": jnp.tanh,
+    }
+    if name not in table:
+        raise ValueError(f"unsupported hidden_act {name!r}; expected one of {sorted(table)}")
+    return table[name]

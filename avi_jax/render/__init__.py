@@ -1,0 +1,1 @@
+"""avi_jax.render."""

