@@ -103,5 +103,26 @@ class HFCheckpoint:
         if path.endswith(".safetensors"):
             from safetensors import safe_open
             with safe_open(path, framework="numpy") as f:
-                return f.get_tensor(key)
+                try:
+                    return f.get_tensor(key)
+                except TypeError:   # numpy has no bfloat16/float8: read the raw bytes instead
+                    pass
+            return _read_safetensors_raw(path, key)
         return self._load_bin(path)[key]
+
+
+def _read_safetensors_raw(path: str, key: str) -> np.ndarray:
+    """One tensor of a dtype numpy lacks (BF16, F8_*) as an ``ml_dtypes`` array, read from the
+    safetensors layout (8-byte little-endian header size, JSON header, raw little-endian data)."""
+    import ml_dtypes
+    kinds = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+             "F8_E5M2": ml_dtypes.float8_e5m2}
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        info = json.loads(fh.read(size))[key]
+        if info["dtype"] not in kinds:
+            raise CheckpointError(f"{path}: tensor '{key}' has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        fh.seek(8 + size + start)
+        data = fh.read(end - start)
+    return np.frombuffer(data, dtype=kinds[info["dtype"]]).reshape(info["shape"])
