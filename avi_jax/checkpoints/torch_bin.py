@@ -1,0 +1,238 @@
+"""Read PyTorch zip checkpoints (``pytorch_model.bin``) into numpy without torch and without running code.
+
+A ``torch.save`` file (zip format, torch >= 1.6) holds ``<root>/data.pkl`` (a pickle of the object tree)
+and one raw little-endian byte file per storage, ``<root>/data/<key>``. Tensors appear in the pickle as
+``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])``
+(``_rebuild_tensor_v3`` with an explicit dtype for newer dtypes such as float8), storages as persistent
+ids ``('storage', torch.<Type>Storage, key, location, numel)``.
+
+The pickle is read with ``safe_pickle.restricted_load``: only the rebuild functions, the storage types,
+the dtypes listed below and ``collections.OrderedDict`` resolve, each to a numpy-based stand-in written
+here; any other global (``os.system``, ``builtins.eval``, ...) raises ``UnsafePickleError`` before
+anything is called. Offsets and strides are honoured (views, transposes, storages shared between
+tensors) and checked against the storage size, and every returned array owns its memory.
+"""
+from __future__ import annotations
+
+import collections
+import zipfile
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from avi_jax.checkpoints.safe_pickle import restricted_load
+from avi_jax.errors import CheckpointError
+
+# Legacy typed storages: element dtype of torch.<Name>.
+_STORAGE_DTYPES: dict[str, np.dtype] = {
+    "DoubleStorage": np.dtype(np.float64),
+    "FloatStorage": np.dtype(np.float32),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
+    "ComplexDoubleStorage": np.dtype(np.complex128),
+    "ComplexFloatStorage": np.dtype(np.complex64),
+    "UntypedStorage": np.dtype(np.uint8),
+}
+
+# torch.<dtype> globals used by _rebuild_tensor_v3 (dtypes without a legacy storage class).
+_TORCH_DTYPES: dict[str, np.dtype] = {
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+    "float8_e4m3fnuz": np.dtype(ml_dtypes.float8_e4m3fnuz),
+    "float8_e5m2fnuz": np.dtype(ml_dtypes.float8_e5m2fnuz),
+    "uint16": np.dtype(np.uint16),
+    "uint32": np.dtype(np.uint32),
+    "uint64": np.dtype(np.uint64),
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float64": np.dtype(np.float64),
+    "int64": np.dtype(np.int64),
+    "int32": np.dtype(np.int32),
+    "int16": np.dtype(np.int16),
+    "int8": np.dtype(np.int8),
+    "uint8": np.dtype(np.uint8),
+    "bool": np.dtype(np.bool_),
+}
+
+
+class _StorageType:
+    """Stand-in for a ``torch.<Name>Storage`` class: only carries the element dtype."""
+
+    def __init__(self, name: str, dtype: np.dtype):
+        self.name, self.dtype = name, dtype
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+
+class _DType:
+    """Stand-in for a ``torch.dtype`` global."""
+
+    def __init__(self, name: str, dtype: np.dtype):
+        self.name, self.dtype = name, dtype
+
+
+class _Storage:
+    """A storage read from ``data/<key>``: a flat numpy array of its elements."""
+
+    def __init__(self, data: np.ndarray, source: str):
+        self.data, self.source = data, source
+
+
+def _check_layout(storage: np.ndarray, offset: Any, size: Any, stride: Any, source: str) -> tuple:
+    try:
+        offset = int(offset)
+        size = tuple(int(s) for s in size)
+        stride = tuple(int(s) for s in stride)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: malformed tensor layout ({e})") from None
+    if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
+        raise CheckpointError(
+            f"{source}: invalid tensor layout offset={offset} size={size} stride={stride}")
+    if 0 not in size:
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if last >= storage.size:
+            raise CheckpointError(
+                f"{source}: tensor (offset {offset}, size {size}, stride {stride}) reaches element {last} "
+                f"of a storage with {storage.size} elements")
+    return offset, size, stride
+
+
+def _view(storage: np.ndarray, offset: int, size: tuple, stride: tuple) -> np.ndarray:
+    if 0 in size:
+        return np.zeros(size, storage.dtype)
+    item = storage.dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(
+        storage[offset:], shape=size, strides=tuple(s * item for s in stride), writeable=False)
+    return np.array(view, copy=True, order="C")
+
+
+def _rebuild_tensor_v2(storage: _Storage, storage_offset: int, size: tuple, stride: tuple,
+                       requires_grad: bool = False, backward_hooks: Any = None,
+                       metadata: Any = None) -> np.ndarray:
+    if not isinstance(storage, _Storage):
+        raise CheckpointError("torch checkpoint: tensor rebuilt from something that is not a storage")
+    offset, size, stride = _check_layout(storage.data, storage_offset, size, stride, storage.source)
+    return _view(storage.data, offset, size, stride)
+
+
+def _rebuild_tensor_v3(storage: _Storage, storage_offset: int, size: tuple, stride: tuple,
+                       requires_grad: bool, backward_hooks: Any, dtype: _DType,
+                       metadata: Any = None) -> np.ndarray:
+    if not isinstance(storage, _Storage) or not isinstance(dtype, _DType):
+        raise CheckpointError("torch checkpoint: malformed _rebuild_tensor_v3 call")
+    raw = storage.data
+    if raw.dtype != np.uint8 or raw.size % dtype.dtype.itemsize:
+        raise CheckpointError(f"{storage.source}: storage of {raw.size} bytes ({raw.dtype}) cannot hold "
+                              f"{dtype.name} elements")
+    typed = raw.view(dtype.dtype)
+    offset, size, stride = _check_layout(typed, storage_offset, size, stride, storage.source)
+    return _view(typed, offset, size, stride)
+
+
+def _rebuild_parameter(data: np.ndarray, requires_grad: bool = False, backward_hooks: Any = None
+                       ) -> np.ndarray:
+    return data
+
+
+def _rebuild_parameter_with_state(data: np.ndarray, requires_grad: bool, backward_hooks: Any,
+                                  state: Any) -> np.ndarray:
+    return data
+
+
+def _from_big_endian(raw: bytes, dtype: np.dtype) -> np.ndarray:
+    if dtype.kind == "c":
+        return np.frombuffer(raw, dtype=dtype.newbyteorder(">")).astype(dtype)
+    swapped = np.frombuffer(raw, np.uint8).reshape(-1, dtype.itemsize)[:, ::-1]
+    return np.ascontiguousarray(swapped).view(dtype).reshape(-1)
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    allowed: dict[tuple[str, str], Any] = {
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+    }
+    for name, dtype in _STORAGE_DTYPES.items():
+        allowed[("torch", name)] = _StorageType(name, dtype)
+    allowed[("torch.storage", "UntypedStorage")] = allowed[("torch", "UntypedStorage")]
+    for name, dtype in _TORCH_DTYPES.items():
+        allowed[("torch", name)] = _DType(name, dtype)
+    return allowed
+
+
+def load_torch_bin(path: str) -> dict[str, np.ndarray]:
+    """Read a ``torch.save`` zip checkpoint (a state dict) into ``{name: np.ndarray}``.
+
+    Dtypes map to numpy (bfloat16 and float8 through ``ml_dtypes``); shapes, offsets and strides are
+    those of the saved tensors (each result is a C-contiguous copy). Nested non-tensor entries are
+    dropped; nested dicts of tensors are flattened with '.' (e.g. ``{'model': {...}}`` -> 'model.x').
+
+    Raises:
+      UnsafePickleError: the pickle names a global outside the allow-list (nothing was executed).
+      CheckpointError: not a zip checkpoint (legacy torch < 1.6 format), missing storages, or tensor
+        layouts that do not fit their storages.
+    """
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a zip-format PyTorch checkpoint (the legacy torch<1.6 "
+                              "format is not supported; re-save it with torch.save)")
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        pickles = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
+        pickles = [n for n in pickles if n.count("/") <= 1]
+        if len(pickles) != 1:
+            raise CheckpointError(f"{path}: expected one '<root>/data.pkl' in the zip, found {pickles}")
+        root = pickles[0][: -len("data.pkl")]
+        big_endian = False
+        if f"{root}byteorder" in names:
+            big_endian = zf.read(f"{root}byteorder").strip() == b"big"
+        storages: dict[str, _Storage] = {}
+
+        def persistent_load(pid: Any) -> _Storage:
+            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+                raise CheckpointError(f"{path}: unexpected persistent id {pid!r:.80}")
+            _, storage_type, key, _location, _numel = pid
+            if not isinstance(storage_type, _StorageType):
+                raise CheckpointError(f"{path}: storage of unknown type {storage_type!r:.80}")
+            key = str(key)
+            if key not in storages:
+                member = f"{root}data/{key}"
+                if member not in names:
+                    raise CheckpointError(f"{path}: storage '{member}' is missing from the zip")
+                dtype = storage_type.dtype
+                raw = zf.read(member)
+                if len(raw) % dtype.itemsize:
+                    raise CheckpointError(f"{path}: storage '{member}' has {len(raw)} bytes, not a "
+                                          f"multiple of {dtype.itemsize} ({storage_type!r})")
+                data = np.frombuffer(raw, dtype=dtype)
+                if big_endian and dtype.itemsize > 1:
+                    data = _from_big_endian(raw, dtype)
+                storages[key] = _Storage(data, f"{path}:{member}")
+            return storages[key]
+
+        with zf.open(pickles[0]) as f:
+            obj = restricted_load(f, _allowed_globals(), source=f"{path}:{pickles[0]}",
+                                  persistent_load=persistent_load)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    out: dict[str, np.ndarray] = {}
+
+    def flatten(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, np.ndarray):
+                out[prefix + str(k)] = v
+            elif isinstance(v, dict):
+                flatten(v, f"{prefix}{k}.")
+
+    flatten(obj, "")
+    return out

@@ -1,0 +1,418 @@
+"""Stage 1 training (paper Sec. III-C): the ``lm`` (demo only), ``align`` and ``tune`` stages.
+
+``InstructSetup`` gathers what the three stages share (prepared data, tokenizers, instruction
+templates, the ``Instructor`` model); each stage then only states its components, loss and evaluation
+and hands itself to the shared loop (``avi_jax.training.loop.run_stage``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from avi_jax.data import builder, instructions, pipeline, schema
+from avi_jax.data.tokenizer import load_tokenizer, train_word_tokenizer
+from avi_jax.errors import ConfigError
+from avi_jax.models import audio_encoder as audio_lib
+from avi_jax.models import llama as llama_lib
+from avi_jax.models import qformer as qformer_lib
+from avi_jax.models import text_encoder as text_lib
+from avi_jax.models.generate import generate
+from avi_jax.models.instructor import Instructor, InstructorConfig
+from avi_jax.training import checkpointing, losses, mesh as mesh_lib
+from avi_jax.training.loop import INIT, Stage, device_batch
+from avi_jax.checkpoints.hf_folder import read_config
+
+_MISSING = {
+    "model.audio_encoder.hf_path": "a local Hugging Face HuBERT folder (e.g. hubert-large-ll60k: "
+                                  "config.json + model.safetensors)",
+    "model.text_encoder.hf_path": "a local Hugging Face BERT folder (e.g. bert-base-uncased)",
+    "model.llm.hf_path": "a local Hugging Face LLaMA folder (e.g. vicuna-7b-v1.5: config.json, "
+                         "*.safetensors, tokenizer files)",
+    "data.dir": "a dataset prepared by `python -m avi_jax.data.prepare ...` (ArrayRecord folder)",
+}
+
+
+def _require_path(value: str, field: str) -> str:
+    if not value:
+        raise ConfigError(f"config.{field} is empty: set --config.{field}=PATH to {_MISSING[field]}")
+    if not os.path.exists(value):
+        raise ConfigError(f"config.{field}={value!r} does not exist; it must be {_MISSING[field]}")
+    return value
+
+
+def _preset(module_or_cls: Any, spec: Any, **extra) -> Any:
+    """A model config from a preset name plus overrides (module-level or classmethod presets)."""
+    factory = getattr(module_or_cls, spec.preset, None)
+    if factory is None:
+        raise ConfigError(f"unknown preset {spec.preset!r} for {getattr(module_or_cls, '__name__', module_or_cls)}")
+    overrides = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in spec.overrides.items()}
+    return factory(**{**overrides, **extra})
+
+
+def dataset_path(config: Any, workdir: str) -> str:
+    """The prepared dataset folder: the demo corpus (built on first use) or ``config.data.dir``."""
+    if config.data.source == "demo":
+        out = config.data.dir or os.path.join(workdir, "data")
+        d = config.data.demo
+        return builder.prepare_demo(out, seed=int(d.seed), num_speakers=int(d.num_speakers),
+                                    clip_seconds=float(d.clip_seconds))
+    if config.data.source != "prepared":
+        raise ConfigError(f"config.data.source must be 'demo' or 'prepared', got {config.data.source!r}")
+    return _require_path(config.data.dir, "data.dir")
+
+
+def _record_texts(source: Any) -> list[str]:
+    out = []
+    for i in range(len(source)):
+        for t in source[i]["instructions"]:
+            out.append(t.decode() if isinstance(t, bytes) else str(t))
+    return out
+
+
+def load_tokenizers(config: Any, workdir: str, data_path: str) -> dict[str, Any]:
+    """{'text': ..., 'llm': ...}. Demo/tiny: one word-level tokenizer trained on the training
+    instructions and the templates (saved to ``<workdir>/tokenizer``); paper: the models' own."""
+    if config.variant != "paper" and not (config.tokenizer.llm_path or config.model.llm.hf_path):
+        folder = os.path.join(workdir, "tokenizer")
+        if os.path.isdir(folder):
+            tok = load_tokenizer(folder)
+        else:
+            texts = _record_texts(builder.open_split(data_path, config.data.train_split))
+            tok = train_word_tokenizer(texts + list(instructions.INSTRUCTION_TEMPLATES), folder)
+        return {"text": tok, "llm": tok}
+    llm_path = config.tokenizer.llm_path or _require_path(config.model.llm.hf_path, "model.llm.hf_path")
+    text_path = config.tokenizer.text_path or config.model.text_encoder.hf_path
+    toks = {"llm": load_tokenizer(llm_path)}
+    toks["text"] = load_tokenizer(text_path) if text_path else toks["llm"]
+    return toks
+
+
+def instructor_config(config: Any, tokenizers: dict[str, Any]) -> InstructorConfig:
+    """Build the model config: HF ``config.json`` for components loaded from HF folders, presets
+    (+ overrides, vocabulary from the tokenizer) otherwise."""
+    m = config.model
+    if m.audio_encoder.source == "hf":
+        audio = audio_lib.AudioEncoderConfig.from_hf(
+            read_config(_require_path(m.audio_encoder.hf_path, "model.audio_encoder.hf_path")))
+    else:
+        audio = _preset(audio_lib.AudioEncoderConfig, m.audio_encoder)
+    qformer = _preset(qformer_lib.QFormerConfig, m.qformer)
+    text_tok, llm_tok = tokenizers["text"], tokenizers["llm"]
+    if m.text_encoder.source == "hf":
+        from avi_jax.checkpoints.text_encoder import bert_config   # pooler presence from the weights
+        text = bert_config(_require_path(m.text_encoder.hf_path, "model.text_encoder.hf_path"))
+    else:
+        text = _preset(text_lib, m.text_encoder, vocab_size=len(text_tok))
+    if m.llm.source == "hf":
+        llm = llama_lib.LlamaConfig.from_hf(read_config(_require_path(m.llm.hf_path, "model.llm.hf_path")),
+                                            dtype=m.llm.dtype)
+    else:
+        llm = _preset(llama_lib, m.llm, vocab_size=len(llm_tok), dtype=m.llm.dtype,
+                      bos_token_id=llm_tok.bos_token_id, eos_token_id=llm_tok.eos_token_id,
+                      pad_token_id=llm_tok.pad_token_id)
+    return InstructorConfig(audio=audio, qformer=qformer, text=text, llm=llm,
+                            feature_layer=int(m.audio_encoder.feature_layer),
+                            text_pooling=m.text_encoder.pooling)
+
+
+def tokenize_templates(tokenizer: Any, templates: tuple[str, ...] = instructions.INSTRUCTION_TEMPLATES
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Instruction templates as right-padded ids (n, T) int32 and mask (n, T) bool (no BOS/EOS)."""
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in templates]
+    width = max(len(i) for i in ids)
+    out = np.full((len(ids), width), tokenizer.pad_token_id or 0, np.int32)
+    mask = np.zeros((len(ids), width), bool)
+    for r, seq in enumerate(ids):
+        out[r, :len(seq)] = seq
+        mask[r, :len(seq)] = True
+    return out, mask
+
+
+class InstructSetup:
+    """Shared by the stage-1 stages and by inference: data, tokenizers, templates and the model."""
+
+    def __init__(self, config: Any, workdir: str, *, data: bool = True):
+        self.config = config
+        self.workdir = workdir
+        self.data_path = dataset_path(config, workdir) if data else None
+        self.tokenizers = load_tokenizers(config, workdir, self.data_path)
+        self.model_config = instructor_config(config, self.tokenizers)
+        self.model = Instructor(self.model_config)
+        self.template_ids, self.template_mask = tokenize_templates(self.tokenizers["llm"])
+        self.max_audio_samples = int(round(float(config.data.max_audio_seconds) * schema.SAMPLE_RATE))
+        self._prompt_fn = None
+
+    def dataset(self, split: str, *, batch_size: int, train: bool, tokenizers: tuple[str, ...]):
+        d = self.config.data
+        source = builder.open_split(self.data_path, split)
+        if not train and int(d.max_eval_clips):
+            source = _Head(source, int(d.max_eval_clips))
+        return pipeline.make_dataset(
+            source, batch_size=batch_size // jax.process_count(), seed=int(self.config.seed),
+            shuffle=train, num_epochs=None if train else 1,
+            max_audio_samples=self.max_audio_samples, max_text_tokens=int(d.max_text_tokens),
+            tokenizers={k: self.tokenizers[k] for k in tokenizers},
+            instruction_choice="random" if train else "first", drop_remainder=train)
+
+    def source_of(self, stage: str, component: str) -> str:
+        """Where a component comes from in ``stage``: INIT, 'hf' or 'stage:<name>'."""
+        m = self.config.model
+        if component in ("audio_encoder", "text_encoder"):
+            src = m[component].source
+            if src == INIT and stage == "tune":
+                return "stage:align"          # the align stage exported its seeded init
+            return src
+        if component == "qformer":
+            return INIT if stage == "align" else "stage:align"
+        if component == "llm_proj":
+            return INIT
+        if component == "llm":
+            return INIT if stage == "lm" else m.llm.source
+        raise ConfigError(f"unknown component {component!r}")
+
+    def load(self, component: str, source: str, abstract: Any, shardings: Any) -> Any:
+        """Load ``component`` from an HF folder or an earlier stage's ``params.safetensors``."""
+        if source.startswith("stage:"):
+            path = os.path.join(self.workdir, source.split(":", 1)[1], "params.safetensors")
+            return checkpointing.load_exported(path, abstract, shardings, prefix=f"{component}/")
+        if source == "hf":
+            from avi_jax.checkpoints import audio_encoder as ca, llama as cl, text_encoder as ct
+            m = self.config.model
+            loaders = {"audio_encoder": (ca.load_audio_encoder, m.audio_encoder.hf_path),
+                       "text_encoder": (ct.load_bert, m.text_encoder.hf_path),
+                       "llm": (cl.load_llama, m.llm.hf_path)}
+            loader, path = loaders[component]
+            dtype = jnp.dtype(m.llm.dtype) if component == "llm" else np.float32
+            if component == "llm" and shardings is not None:
+                shardings = {"params": shardings}          # load_llama returns {'params': ...}
+            _, params = loader(path, shardings=shardings, dtype=dtype)
+            return params["params"] if set(params) == {"params"} else params
+        raise ConfigError(f"component {component!r}: unknown source {source!r}")
+
+    def describe(self, params: dict, audio: jax.Array, audio_mask: jax.Array,
+                 rng: jax.Array | None = None) -> list[str]:
+        """Generate the visual instruction for a batch of 16 kHz waveforms (B, N) + masks (B, N) bool.
+
+        Prompt = BOS + soft prompt + the evaluation template (paper Sec. III-C); decoding follows
+        ``config.generation`` (greedy by default). Compiled once per batch shape. Returns B strings.
+        """
+        gen = self.config.generation
+        if self._prompt_fn is None:
+            def prompt_fn(p, a, m):
+                soft = self.model.apply({"params": p}, a, m, method=Instructor.soft_prompt)
+                return self.model.apply({"params": p}, soft, *self.fixed_templates(a.shape[0]),
+                                        method=Instructor.prompt)
+            self._prompt_fn = jax.jit(prompt_fn)
+        embeds, mask = self._prompt_fn(params, audio, audio_mask)
+        llm_cfg = self.model_config.llm
+        tokens = generate(llama_lib.Llama(llm_cfg), {"params": params["llm"]}, inputs_embeds=embeds,
+                          attention_mask=mask, max_new_tokens=int(gen.max_new_tokens),
+                          eos_token_id=llm_cfg.eos_token_id, pad_token_id=llm_cfg.pad_token_id,
+                          rng=rng if rng is not None else jax.random.key(0),
+                          temperature=float(gen.temperature), top_p=float(gen.top_p))
+        tok = self.tokenizers["llm"]
+        return [tok.decode(row, skip_special_tokens=True).strip()
+                for row in np.asarray(jax.device_get(tokens))]
+
+    def random_templates(self, rng: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
+        """One of the ~10 templates per example, sampled (training)."""
+        idx = jax.random.randint(rng, (batch,), 0, self.template_ids.shape[0])
+        return jnp.asarray(self.template_ids)[idx], jnp.asarray(self.template_mask)[idx]
+
+    def fixed_templates(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The evaluation template (``config.generation.template``) for every example."""
+        t = int(self.config.generation.template)
+        return (np.repeat(self.template_ids[t:t + 1], batch, 0),
+                np.repeat(self.template_mask[t:t + 1], batch, 0))
+
+
+class _Head:
+    """The first n records of a random-access source."""
+
+    def __init__(self, source, n):
+        self.source, self.n = source, min(n, len(source))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.source[i]
+
+
+class _InstructStage(Stage):
+    tokenizers: tuple[str, ...] = ()
+
+    def __init__(self, setup: InstructSetup):
+        super().__init__(setup.config, setup.workdir)
+        self.setup = setup
+        self.model = setup.model
+        self._cache = {}
+
+    def source(self, component: str) -> str:
+        return self.setup.source_of(self.name, component)
+
+    def load_component(self, component, abstract, shardings):
+        return self.setup.load(component, self.source(component), abstract, shardings)
+
+    def train_dataset(self):
+        return self.setup.dataset(self.config.data.train_split, train=True,
+                                  batch_size=int(self.config[self.name].batch_size),
+                                  tokenizers=self.tokenizers)
+
+    def eval_batches(self, mesh):
+        ds = self.setup.dataset(self.config.data.eval_split, train=False,
+                                batch_size=int(self.config[self.name].batch_size),
+                                tokenizers=self.tokenizers)
+        for batch in ds:
+            yield batch, mesh_lib.shard_batch(device_batch(batch), mesh)
+
+    def cached(self, key: str, make):
+        """A jitted function built once per stage (evaluation runs several times)."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def apply(self, params, *args, method):
+        return self.model.apply({"params": params}, *args, method=method)
+
+
+def _lm_loss(stage: _InstructStage, params, batch, soft, template_ids, template_mask):
+    prompt = stage.apply(params, soft, template_ids, template_mask, method=Instructor.prompt)
+    logits = stage.apply(params, *prompt, batch["llm_ids"], batch["llm_mask"],
+                         method=Instructor.continuation_logits)
+    weights = batch["llm_mask"] & batch["valid"][:, None]
+    return losses.lm_cross_entropy(logits, batch["llm_ids"], weights)
+
+
+class LmStage(_InstructStage):
+    """Demo only: train the small LLaMA on the instruction texts (the stand-in for Vicuna)."""
+    name = "lm"
+    trainable = ("llm",)
+    tokenizers = ("llm",)
+
+    def model_init(self, rng, batch):
+        t_ids, t_mask = self.setup.fixed_templates(batch["llm_ids"].shape[0])
+        return self.model.init(rng, t_ids, t_mask, jnp.zeros(batch["llm_ids"].shape, jnp.int32),
+                               jnp.ones(batch["llm_mask"].shape, bool), method=Instructor.init_lm)["params"]
+
+    def loss(self, params, batch, rng):
+        t_ids, t_mask = self.setup.random_templates(rng, batch["llm_ids"].shape[0])
+        return _lm_loss(self, params, batch, None, t_ids, t_mask)
+
+    def evaluate(self, params, mesh):
+        step = self.cached("eval", lambda: jax.jit(lambda p, b: _lm_loss(
+            self, p, b, None, *self.setup.fixed_templates(b["llm_ids"].shape[0]))))
+        totals = np.zeros(2)
+        for _, batch in self.eval_batches(mesh):
+            _, m = step(params, batch)
+            totals += [float(m["loss"]) * float(m["num_tokens"]), float(m["num_tokens"])]
+        return {"lm_loss": totals[0] / max(totals[1], 1)}
+
+
+def _text_positives(ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """(B, B) bool: examples whose tokenized instructions are identical (multi-positive InfoNCE)."""
+    ids = jnp.where(mask, ids, -1)
+    return jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)
+
+
+class AlignStage(_InstructStage):
+    """Stage 1a: Q-Former audio embeddings vs frozen text-encoder features, symmetric InfoNCE (Eq. 6)."""
+    name = "align"
+    tokenizers = ("text",)
+
+    @property
+    def trainable(self):
+        return ("qformer",)
+
+    def model_init(self, rng, batch):
+        return self.model.init(rng, batch["audio"], batch["audio_mask"], batch["text_ids"],
+                               batch["text_mask"], method=Instructor.align)["params"]
+
+    def loss(self, params, batch, rng):
+        audio_emb, text_emb, temp = self.model.apply(
+            {"params": params}, batch["audio"], batch["audio_mask"], batch["text_ids"],
+            batch["text_mask"], False, method=Instructor.align, rngs={"dropout": rng})
+        return losses.info_nce(audio_emb, text_emb, temp, valid=batch["valid"],
+                               targets_equal=_text_positives(batch["text_ids"], batch["text_mask"]))
+
+    def evaluate(self, params, mesh):
+        embed = self.cached("eval", lambda: jax.jit(lambda p, b: self.apply(
+            p, b["audio"], b["audio_mask"], b["text_ids"], b["text_mask"], method=Instructor.align)[:2]))
+        audio, text, texts, losses_ = [], [], [], []
+        for host, batch in self.eval_batches(mesh):
+            a, t = jax.device_get(embed(params, batch))
+            keep = host["valid"]
+            audio.append(a[keep]), text.append(t[keep])
+            texts += [tuple(r[m]) for r, m in zip(host["text_ids"][keep], host["text_mask"][keep])]
+        audio, text = np.concatenate(audio), np.concatenate(text)
+        # Candidates are the distinct instructions of the split (so 1/M is an honest chance level);
+        # each clip's positive is its own (first) instruction.
+        unique = sorted(set(texts))
+        first = [texts.index(u) for u in unique]
+        sim = np.einsum("iqd,jd->ijq", audio, text[first]).max(-1)
+        positives = np.array([[t == u for u in unique] for t in texts])
+        m = losses.retrieval_metrics(sim, positives)
+        return {"retrieval_top1": m["top1"], "retrieval_top5": m["top5"],
+                "retrieval_chance": m["retrieval_chance"], "retrieval_queries": m["num_queries"]}
+
+
+class TuneStage(_InstructStage):
+    """Stage 1b: train the projection that turns audio tokens into a soft prompt for the frozen LLM."""
+    name = "tune"
+    trainable = ("llm_proj",)
+    tokenizers = ("llm",)
+
+    def model_init(self, rng, batch):
+        b = batch["audio"].shape[0]
+        t_ids, t_mask = self.setup.fixed_templates(b)
+        return self.model.init(rng, batch["audio"], batch["audio_mask"], t_ids, t_mask,
+                               jnp.zeros(batch["llm_ids"].shape, jnp.int32),
+                               jnp.ones(batch["llm_mask"].shape, bool), method=Instructor.init_tune)["params"]
+
+    def _loss(self, params, batch, templates):
+        soft = self.apply(params, batch["audio"], batch["audio_mask"], method=Instructor.soft_prompt)
+        return _lm_loss(self, params, batch, soft, *templates)
+
+    def loss(self, params, batch, rng):
+        return self._loss(params, batch, self.setup.random_templates(rng, batch["audio"].shape[0]))
+
+    def evaluate(self, params, mesh):
+        gen = self.config.generation
+        tok = self.setup.tokenizers["llm"]
+        loss_fn = self.cached("eval", lambda: jax.jit(
+            lambda p, b: self._loss(p, b, self.setup.fixed_templates(b["audio"].shape[0]))[1]))
+        totals = np.zeros(3)
+        samples = []
+        for host, batch in self.eval_batches(mesh):
+            m = loss_fn(params, batch)
+            n = float(m["num_tokens"])
+            totals += [float(m["loss"]) * n, float(m["accuracy"]) * n, n]
+            texts = self.setup.describe(params, batch["audio"], batch["audio_mask"])
+            for text, emo, ok, ids, mask in zip(texts, host["emotion"], host["valid"], host["llm_ids"],
+                                                host["llm_mask"]):
+                if ok:
+                    samples.append({"generated": text,   # emotion -1 = unknown (manifest clips)
+                                    "emotion": schema.EMOTIONS[int(emo)] if emo >= 0 else None,
+                                    "reference": tok.decode(ids[mask], skip_special_tokens=True)})
+        correct = [instructions.emotion_from_text(s["generated"]) == s["emotion"] for s in samples
+                   if s["emotion"] is not None]
+        if jax.process_index() == 0:
+            with open(os.path.join(self.stage_dir, "samples.jsonl"), "w") as f:
+                for s in samples:
+                    f.write(json.dumps(s) + "\n")
+            for s in samples[: int(gen.num_samples_logged)]:
+                logging.info("[%s] %s  | ref: %s", s["emotion"], s["generated"], s["reference"])
+        return {"tune_loss": totals[0] / max(totals[2], 1), "tune_token_accuracy": totals[1] / max(totals[2], 1),
+                "emotion_accuracy": float(np.mean(correct)) if correct else 0.0,
+                "num_eval_clips": float(len(samples))}
+
+
+STAGES = {"lm": LmStage, "align": AlignStage, "tune": TuneStage}

@@ -1,0 +1,45 @@
+"""Train state and optimizer: AdamW with linear warmup + cosine decay and global-norm clipping.
+
+Frozen parameters (pretrained HuBERT, text encoder, LLaMA) live outside the optimizer in a separate
+tree: gradients are taken with respect to the trainable tree only, so a frozen 7B LLM costs no gradient
+or optimizer memory.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step () int32; params: trainable tree; opt_state: optax state of ``params``."""
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def make_schedule(opt_config: Any, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then cosine decay to ``lr * final_lr_ratio``."""
+    warmup = min(int(opt_config.warmup_steps), max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=float(opt_config.lr), warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=float(opt_config.lr) * float(opt_config.final_lr_ratio))
+
+
+def make_optimizer(opt_config: Any, total_steps: int) -> optax.GradientTransformation:
+    """AdamW (decoupled weight decay on >=2-d weights only) + ``make_schedule`` + global-norm clipping.
+
+    ``opt_config`` fields: lr, warmup_steps, final_lr_ratio, weight_decay, b1, b2, clip_norm.
+    """
+    decay_mask = lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(float(opt_config.clip_norm)),
+        optax.adamw(make_schedule(opt_config, total_steps), b1=float(opt_config.b1),
+                    b2=float(opt_config.b2), weight_decay=float(opt_config.weight_decay),
+                    mask=decay_mask),
+    )

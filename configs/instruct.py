@@ -1,0 +1,137 @@
+"""Stage 1 of AVI-Talking (paper Sec. III-C): audio -> visual instruction.
+
+Variants (``--config configs/instruct.py:VARIANT`` or ``:variant=VARIANT,stage=STAGE``):
+
+* ``paper`` (default): HuBERT-large (frozen) -> Q-Former (32 queries, BERT-base sized) aligned with a
+  frozen BERT-base text encoder (stage ``align``), then a linear projection into frozen Vicuna-7B
+  (stage ``tune``). Needs local Hugging Face folders and a prepared dataset: set
+  ``--config.model.audio_encoder.hf_path``, ``--config.model.text_encoder.hf_path``,
+  ``--config.model.llm.hf_path`` and ``--config.data.dir`` (a dataset prepared by
+  ``python -m avi_jax.data.prepare``).
+* ``demo``: runs anywhere on CPU in minutes. The synthetic demo corpus, a word-level tokenizer trained
+  on its texts, small models from scratch; since no pretrained LLM exists offline, the demo first trains
+  its small LLaMA on the demo instruction texts (stage ``lm``, the stand-in for Vicuna), then runs
+  ``align`` and ``tune``.
+* ``tiny``: the demo at toy size, for tests.
+
+``stage=align`` / ``stage=tune`` / ``stage=lm`` restricts a run to one stage; the others it needs are
+taken from the same workdir.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+
+def _stage(total_steps: int, batch_size: int, lr: float, warmup: int, *, log_every: int,
+           eval_every: int) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "total_steps": total_steps, "batch_size": batch_size, "log_every": log_every,
+        "eval_every": eval_every, "optimizer": common.optimizer_config(lr, warmup),
+    })
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = common.parse_arg(arg, variant="paper", stage="")
+    if arg.variant not in ("paper", "demo", "tiny"):
+        raise ValueError(f"unknown variant {arg.variant!r}; expected paper, demo or tiny")
+    small = arg.variant != "paper"
+    c = ml_collections.ConfigDict()
+    c.variant = arg.variant
+    c.family = "instruct"
+    c.seed = 0
+    c.stages = ("lm", "align", "tune") if small else ("align", "tune")
+    if arg.stage:
+        c.stages = (arg.stage,)
+    c.mesh = common.mesh_config()
+    c.logical_axis_rules = common.logical_axis_rules()
+    c.checkpoint = ml_collections.ConfigDict({"every": 1000, "keep": 3, "async_save": True})
+
+    # ---- data -------------------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "demo" if small else "prepared"   # 'demo' builds the demo corpus itself
+    c.data.dir = ""            # prepared dataset folder ('' + demo: <workdir>/data)
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.max_audio_seconds = 2.0 if small else 6.0
+    c.data.max_text_tokens = 40 if small else 64
+    c.data.max_instruction_tokens = 32 if small else 64
+    c.data.demo = ml_collections.ConfigDict({"seed": 0, "num_speakers": 12, "clip_seconds": 2.0})
+    c.data.max_eval_clips = 0  # 0 = the whole eval split
+
+    # ---- tokenizers ---------------------------------------------------------------------------
+    # paper: the LLM's and the text encoder's own tokenizers (from their HF folders, or set paths here);
+    # demo: a word-level tokenizer trained on the demo texts (shared by the text encoder and the LLM).
+    c.tokenizer = ml_collections.ConfigDict({"llm_path": "", "text_path": ""})
+
+    # ---- models -------------------------------------------------------------------------------
+    m = c.model = ml_collections.ConfigDict()
+    m.audio_encoder = ml_collections.ConfigDict({
+        "preset": "tiny" if small else "hubert_large", "hf_path": "",
+        "source": "init" if small else "hf", "feature_layer": -1,
+        "overrides": ml_collections.ConfigDict(
+            {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 128, "conv_dim": (32,) * 7} if small else {}),
+    })
+    m.text_encoder = ml_collections.ConfigDict({
+        "preset": "tiny" if small else "bert_base", "hf_path": "",
+        "source": "init" if small else "hf", "pooling": "mean" if small else "cls",
+        "overrides": ml_collections.ConfigDict(
+            {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 128} if small else {}),
+    })
+    m.qformer = ml_collections.ConfigDict({
+        "preset": "tiny" if small else "paper",
+        "overrides": ml_collections.ConfigDict(
+            {"num_queries": 8, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+             "intermediate_size": 128, "cross_attention_freq": 1, "embed_dim": 64} if small else {}),
+    })
+    m.llm = ml_collections.ConfigDict({
+        "preset": "tiny" if small else "llama_7b", "hf_path": "",
+        "source": "stage:lm" if small else "hf",
+        "dtype": "float32" if small else "bfloat16",
+        "overrides": ml_collections.ConfigDict(
+            {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+             "max_position_embeddings": 128} if small else {}),
+    })
+
+    # ---- stages -------------------------------------------------------------------------------
+    if small:
+        c.lm = _stage(300, 32, 3e-3, 30, log_every=50, eval_every=0)
+        c.align = _stage(400, 32, 1e-3, 40, log_every=50, eval_every=0)
+        c.tune = _stage(400, 16, 3e-3, 40, log_every=50, eval_every=0)
+    else:
+        c.lm = _stage(10_000, 64, 3e-4, 500, log_every=100, eval_every=2000)
+        c.align = _stage(20_000, 128, 1e-4, 1000, log_every=100, eval_every=2000)
+        c.tune = _stage(10_000, 32, 1e-4, 500, log_every=100, eval_every=2000)
+
+    # ---- generation (tune evaluation and inference) ---------------------------------------------
+    c.generation = ml_collections.ConfigDict({
+        "max_new_tokens": 32 if small else 64, "temperature": 0.0, "top_p": 1.0, "template": 0,
+        "num_samples_logged": 8,
+    })
+
+    if arg.variant == "tiny":
+        c.data.demo.num_speakers = 4
+        c.data.demo.clip_seconds = 1.0
+        c.data.max_audio_seconds = 1.0
+        c.data.max_text_tokens = 32
+        c.data.max_instruction_tokens = 28
+        c.model.audio_encoder.overrides.update(
+            {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "conv_dim": (16,) * 7})
+        c.model.text_encoder.overrides.update(
+            {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64})
+        c.model.qformer.overrides.update(
+            {"num_queries": 4, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "embed_dim": 32})
+        c.model.llm.overrides.update(
+            {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+             "num_key_value_heads": 1, "head_dim": 16})
+        for s in (c.lm, c.align, c.tune):
+            s.total_steps, s.batch_size, s.log_every = 6, 8, 1
+            s.optimizer.warmup_steps = 2
+        c.generation.max_new_tokens = 8
+        c.data.max_eval_clips = 8
+        c.checkpoint.every = 3
+    return c

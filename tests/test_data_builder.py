@@ -1,0 +1,193 @@
+"""tfds ClipDataset builder: demo round trip, idempotency, manifests, validation, no half-written output."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from avi_jax.data import builder, demo, schema
+from avi_jax.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("data")
+    return data_dir, builder.prepare_demo(data_dir, seed=3, num_speakers=4, clip_seconds=1.0)
+
+
+def test_demo_round_trip(small_demo):
+    data_dir, path = small_demo
+    assert os.path.isfile(os.path.join(path, "dataset_info.json"))
+    sizes = {s: len(builder.open_split(path, s)) for s in ("train", "validation", "test")}
+    assert sizes == {"train": 24, "validation": 24, "test": 48}
+    for split in ("train", "test"):
+        src = builder.open_split(path, split)
+        expected = list(demo.demo_clips(split, seed=3, num_speakers=4, clip_seconds=1.0))
+        for i in (0, 7, len(src) - 1):
+            got, want = src[i], expected[i]            # source order is kept
+            assert builder.text(got["clip_id"]) == want["clip_id"]
+            assert builder.text(got["speaker"]) == want["speaker"]
+            np.testing.assert_array_equal(got["audio"], schema.pcm16(want["audio"]))
+            assert got["emotion"] == schema.EMOTIONS.index(want["emotion"])
+            assert got["intensity"] == want["intensity"]
+            assert [builder.text(t) for t in got["instructions"]] == want["instructions"]
+            assert bool(got["has_coefficients"])
+            for k in ("expression", "jaw_pose", "global_pose", "shape"):
+                np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_prepare_is_idempotent(small_demo):
+    data_dir, path = small_demo
+    info = os.path.join(path, "dataset_info.json")
+    before = os.stat(info).st_mtime_ns
+    again = builder.prepare_demo(data_dir, seed=3, num_speakers=4, clip_seconds=1.0)
+    assert again == path and os.stat(info).st_mtime_ns == before
+    assert json.load(open(os.path.join(path, "avi_meta.json")))["seed"] == 3
+
+
+def test_open_split_errors(small_demo, tmp_path):
+    _, path = small_demo
+    with pytest.raises(InputError, match="no split"):
+        builder.open_split(path, "dev")
+    with pytest.raises(InputError, match="not a prepared dataset"):
+        builder.open_split(tmp_path, "train")
+
+
+def _record(clip_id="c0", n=16000, t=None, **kw):
+    t = round(n / 640) if t is None else t
+    rec = {"clip_id": clip_id, "audio": np.zeros(n, np.float32) + 0.1, "instructions": ["A calm man speaks."],
+           "emotion": "calm", "intensity": 1, "expression": np.zeros((t, 50), np.float32),
+           "jaw_pose": np.zeros((t, 3), np.float32)}
+    rec.update(kw)
+    return rec
+
+
+def test_validate_record_frames_and_errors():
+    ok = builder.validate_record(_record(t=24))          # 25 expected: padded by one frame
+    assert ok["expression"].shape == (25, 50) and ok["global_pose"].shape == (25, 3)
+    assert builder.validate_record(_record(t=27))["jaw_pose"].shape == (25, 3)
+    with pytest.raises(InputError, match=r"c0: 'expression' has 30 frames"):
+        builder.validate_record(_record(t=30))
+    nan = np.zeros((25, 50), np.float32)
+    nan[3, 4] = np.nan
+    with pytest.raises(InputError, match="c0: 'expression' holds NaN"):
+        builder.validate_record(_record(expression=nan))
+    with pytest.raises(InputError, match=r"c0: 'jaw_pose' has shape \(25, 4\)"):
+        builder.validate_record(_record(jaw_pose=np.zeros((25, 4))))
+    with pytest.raises(InputError, match="c0: audio is empty"):
+        builder.validate_record(_record(audio=np.zeros(0, np.float32)))
+    with pytest.raises(InputError, match="c0: unknown emotion"):
+        builder.validate_record(_record(emotion="bored"))
+    with pytest.raises(InputError, match="c0: needs at least one non-empty instruction"):
+        builder.validate_record(_record(instructions=[]))
+    no_coeff = builder.validate_record(_record(expression=None, jaw_pose=None, emotion=None))
+    assert not no_coeff["has_coefficients"] and no_coeff["expression"].shape == (0, 50)
+    assert no_coeff["emotion"] == -1
+
+
+def test_failed_prepare_leaves_nothing_complete(tmp_path):
+    def bad_records():
+        yield _record("good")
+        yield _record("bad", expression=np.full((25, 50), np.inf, np.float32))
+
+    source = {"train": [_record("a"), _record("b")], "test": bad_records}
+    with pytest.raises(InputError, match="bad: 'expression' holds NaN or infinite"):
+        builder.prepare(source, tmp_path, "broken")
+    root = tmp_path / "clip_dataset" / "broken"
+    leftovers = [p for p in root.rglob("*")] if root.exists() else []
+    assert not any(p.name == "dataset_info.json" for p in leftovers), leftovers
+    assert not (root / builder.VERSION).exists()
+    with pytest.raises(InputError):
+        builder.open_split(root / builder.VERSION, "train")
+    # A fixed source then prepares under the same name.
+    source["test"] = [_record("c")]
+    path = builder.prepare(source, tmp_path, "broken")
+    assert len(builder.open_split(path, "test")) == 1
+
+
+def _write_manifest(tmp_path, lines):
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("\n".join(json.dumps(x) if not isinstance(x, str) else x for x in lines) + "\n")
+    return path
+
+
+def test_manifest_resamples_downmixes_and_round_trips(tmp_path):
+    sr = 44_100
+    t = np.arange(int(1.0 * sr)) / sr
+    stereo = np.stack([0.4 * np.sin(2 * np.pi * 300 * t), 0.2 * np.sin(2 * np.pi * 300 * t)], 1)
+    (tmp_path / "wav").mkdir()
+    sf.write(tmp_path / "wav" / "a.wav", stereo, sr)
+    sf.write(tmp_path / "wav" / "b.flac", 0.1 * np.ones(16000 * 2), 16000)
+    coeff = tmp_path / "a.npz"
+    np.savez(coeff, expression=np.ones((25, 50), np.float32), jaw_pose=np.full((26, 3), 0.1, np.float32))
+    manifest = _write_manifest(tmp_path, [
+        {"audio": "wav/a.wav", "instruction": "A happy man speaks.", "speaker": "s1", "emotion": "happy",
+         "intensity": 2, "coefficients": "a.npz"},
+        "",
+        {"audio": str(tmp_path / "wav" / "b.flac"), "instructions": ["x", "y"], "split": "test"},
+    ])
+    path = builder.prepare_manifest(manifest, tmp_path / "data")
+    train, test = builder.open_split(path, "train"), builder.open_split(path, "test")
+    assert len(train) == 1 and len(test) == 1
+    a = train[0]
+    assert a["audio"].shape == (16000,)
+    mid = schema.from_pcm16(a["audio"][2000:14000])
+    assert abs(np.abs(mid).max() - 0.3) < 0.01              # mean of 0.4 and 0.2
+    assert a["expression"].shape == (25, 50) and a["jaw_pose"].shape == (25, 3)   # 26 frames trimmed
+    assert a["emotion"] == schema.EMOTIONS.index("happy") and a["intensity"] == 2
+    assert builder.text(a["speaker"]) == "s1"
+    b = test[0]
+    assert not b["has_coefficients"] and b["emotion"] == -1 and b["intensity"] == 0
+    assert [builder.text(x) for x in b["instructions"]] == ["x", "y"]
+    assert builder.prepare_manifest(manifest, tmp_path / "data") == path
+
+
+@pytest.mark.parametrize("case", ["json", "missing_audio", "nan_coeff", "no_instruction", "frames", "split"])
+def test_bad_manifest_lines_name_line_and_file(tmp_path, case):
+    sf.write(tmp_path / "ok.wav", 0.1 * np.ones(16000), 16000)
+    good = {"audio": "ok.wav", "instruction": "A man speaks."}
+    bad = dict(good)
+    file_pat = "ok.wav"
+    if case == "json":
+        bad = '{"audio": "ok.wav", "instruction": '
+        file_pat = "manifest.jsonl"
+    elif case == "missing_audio":
+        bad["audio"] = "nowhere/missing.wav"
+        file_pat = "missing.wav"
+    elif case == "nan_coeff":
+        e = np.zeros((25, 50), np.float32)
+        e[0, 0] = np.nan
+        np.savez(tmp_path / "c.npz", expression=e, jaw_pose=np.zeros((25, 3), np.float32))
+        bad["coefficients"] = "c.npz"
+        file_pat = "c.npz"
+    elif case == "no_instruction":
+        del bad["instruction"]
+        file_pat = "manifest.jsonl"
+    elif case == "frames":
+        np.savez(tmp_path / "c.npz", expression=np.zeros((40, 50)), jaw_pose=np.zeros((40, 3)))
+        bad["coefficients"] = "c.npz"
+        file_pat = "c.npz"
+    elif case == "split":
+        bad["split"] = "dev"
+        file_pat = "manifest.jsonl"
+    manifest = _write_manifest(tmp_path, [good, bad])
+    with pytest.raises(InputError) as err:
+        builder.prepare_manifest(manifest, tmp_path / "data")
+    msg = str(err.value)
+    assert f"{manifest}:2" in msg and re.search(re.escape(file_pat), msg), msg
+    assert not (tmp_path / "data" / "clip_dataset").exists() or not list(
+        (tmp_path / "data" / "clip_dataset").rglob("dataset_info.json"))
+
+
+def test_prepare_cli(tmp_path, capsys):
+    from avi_jax.data import prepare
+    assert prepare.main(["--data_dir", str(tmp_path), "--demo", "--num_speakers", "4", "--clip_seconds", "0.5"]) == 0
+    path = capsys.readouterr().out.strip().splitlines()[-1]
+    assert len(builder.open_split(path, "test")) == 48
+    (tmp_path / "m.jsonl").write_text('{"audio": "missing.wav", "instruction": "x"}\n')
+    assert prepare.main(["--data_dir", str(tmp_path), "--manifest", str(tmp_path / "m.jsonl")]) == 2
+    assert "m.jsonl:1" in capsys.readouterr().err

@@ -1,0 +1,188 @@
+"""load_torch_bin: torch.save checkpoints read without torch, and hostile pickles refused."""
+from __future__ import annotations
+
+import builtins
+import collections
+import io
+import json
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from avi_jax.checkpoints.hf_folder import HFCheckpoint  # noqa: E402
+from avi_jax.checkpoints.torch_bin import load_torch_bin  # noqa: E402
+from avi_jax.errors import CheckpointError, UnsafePickleError  # noqa: E402
+
+
+def _as_numpy(t: "torch.Tensor") -> np.ndarray:
+    """Reference value: bit patterns for dtypes numpy lacks, else ``Tensor.numpy()``."""
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy()
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return t.view(torch.uint8).numpy()
+    return t.numpy()
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    if a.dtype.name == "bfloat16":
+        return a.view(np.int16)
+    if a.dtype.name.startswith("float8"):
+        return a.view(np.uint8)
+    return a
+
+
+def test_round_trip_dtypes_views_and_shared_storage(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 6, generator=gen)
+    state = collections.OrderedDict(
+        f32=torch.randn(3, 5, generator=gen),
+        f16=torch.randn(4, 3, generator=gen).half(),
+        bf16=torch.randn(7, generator=gen).bfloat16(),
+        f64=torch.randn(2, 2, generator=gen).double(),
+        i64=torch.arange(-3, 5),
+        i32=torch.arange(6, dtype=torch.int32).reshape(2, 3),
+        i8=torch.tensor([-128, 0, 127], dtype=torch.int8),
+        u8=torch.tensor([0, 200, 255], dtype=torch.uint8),
+        flag=torch.tensor([True, False, True]),
+        transposed=base.t(),                          # non-contiguous view of `base`'s storage
+        window=base[1:3, 2:5],                        # storage offset + strides
+        base=base,                                    # shares its storage with the two views
+        every_other=torch.arange(10.0)[::2],
+        scalar=torch.tensor(2.5),
+        empty=torch.zeros(0, 4),
+        f8=torch.randn(5, generator=gen).to(torch.float8_e4m3fn),   # _rebuild_tensor_v3 path
+        param=torch.nn.Parameter(torch.randn(2, 3, generator=gen)),  # _rebuild_parameter path
+    )
+    state["f16_t"] = state["f16"].t()
+    state["bf16_view"] = state["bf16"][2:]
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(state, path)
+
+    loaded = load_torch_bin(str(path))
+    assert list(loaded) == list(state)
+    for key, tensor in state.items():
+        got, want = loaded[key], _as_numpy(tensor)
+        assert got.shape == tuple(tensor.shape), key
+        assert got.flags.c_contiguous and got.flags.writeable, key
+        np.testing.assert_array_equal(_bits(got), want, err_msg=key)
+    assert loaded["bf16"].dtype.name == "bfloat16" and loaded["f16"].dtype == np.float16
+    # Results are independent copies even where the storages were shared.
+    loaded["base"][0, 0] = 1e9
+    assert loaded["transposed"][0, 0] == base[0, 0].item()
+
+
+def test_hf_checkpoint_reads_bin_folders(tmp_path):
+    lin = torch.nn.Linear(3, 2)
+    (tmp_path / "config.json").write_text("{}")
+    torch.save(lin.state_dict(), tmp_path / "pytorch_model.bin")
+    ckpt = HFCheckpoint(str(tmp_path))
+    assert sorted(ckpt.keys()) == ["bias", "weight"]
+    np.testing.assert_array_equal(ckpt["weight"], lin.weight.detach().numpy())
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_text("{}")
+    torch.save({"weight": lin.weight.detach()}, sharded / "pytorch_model-00001-of-00002.bin")
+    torch.save({"bias": lin.bias.detach()}, sharded / "pytorch_model-00002-of-00002.bin")
+    index = {"weight_map": {"weight": "pytorch_model-00001-of-00002.bin",
+                            "bias": "pytorch_model-00002-of-00002.bin"}}
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    ckpt = HFCheckpoint(str(sharded))
+    np.testing.assert_array_equal(ckpt["bias"], lin.bias.detach().numpy())
+    np.testing.assert_array_equal(ckpt["weight"], lin.weight.detach().numpy())
+
+
+class _Hostile:
+    def __init__(self, func, arg):
+        self.func, self.arg = func, arg
+
+    def __reduce__(self):
+        return self.func, (self.arg,)
+
+
+def _zip_with_pickle(path, payload: bytes, extra: dict | None = None) -> None:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", payload)
+        zf.writestr("archive/version", "3\n")
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+
+
+@pytest.mark.parametrize("kind", ["os.system", "builtins.exec", "nested"])
+def test_malicious_pickle_is_refused_without_running(kind, tmp_path):
+    marker = tmp_path / "pwned"
+    if kind == "os.system":
+        obj = _Hostile(os.system, f"touch {marker}")
+    elif kind == "builtins.exec":
+        obj = _Hostile(builtins.exec, f"open({str(marker)!r}, 'w').close()")
+    else:   # hidden inside an otherwise normal-looking state dict
+        obj = collections.OrderedDict(weight=[0.0, 1.0], evil=_Hostile(os.system, f"touch {marker}"))
+    path = tmp_path / "pytorch_model.bin"
+    _zip_with_pickle(path, pickle.dumps(obj, protocol=2))
+    expected = r"(builtins|__builtin__)\.exec" if kind == "builtins.exec" else r"(posix|nt|os)\.system"
+    with pytest.raises(UnsafePickleError, match=r"refusing to load global '" + expected):
+        load_torch_bin(str(path))
+    assert not marker.exists()
+
+
+def _crafted_tensor_pickle(size, stride, offset=0, numel=4) -> bytes:
+    """A torch-style pickle of {'w': _rebuild_tensor_v2(storage '0', offset, size, stride)}."""
+    import torch._utils
+
+    class Storage:
+        pass
+
+    class Tensor:
+        pass
+
+    storage = Storage()
+
+    class P(pickle.Pickler):
+        def persistent_id(self, obj):
+            if obj is storage:
+                return ("storage", torch.FloatStorage, "0", "cpu", numel)
+            return None
+
+        def reducer_override(self, obj):
+            if isinstance(obj, Tensor):
+                return torch._utils._rebuild_tensor_v2, (
+                    storage, offset, size, stride, False, collections.OrderedDict())
+            return NotImplemented
+
+    buf = io.BytesIO()
+    P(buf, protocol=2).dump({"w": Tensor()})
+    return buf.getvalue()
+
+
+def test_out_of_bounds_layout_is_refused(tmp_path):
+    data = {"archive/data/0": np.arange(4, dtype=np.float32).tobytes()}
+    good = tmp_path / "good.bin"
+    _zip_with_pickle(good, _crafted_tensor_pickle((2, 2), (1, 2)), data)
+    np.testing.assert_array_equal(load_torch_bin(str(good))["w"], [[0.0, 2.0], [1.0, 3.0]])
+    for i, (size, stride, offset) in enumerate([((1000,), (1,), 0), ((2, 2), (2, 1), 1), ((3,), (-1,), 2)]):
+        bad = tmp_path / f"bad{i}.bin"
+        _zip_with_pickle(bad, _crafted_tensor_pickle(size, stride, offset), data)
+        with pytest.raises(CheckpointError):
+            load_torch_bin(str(bad))
+
+
+def test_malformed_files(tmp_path):
+    not_zip = tmp_path / "legacy.bin"
+    not_zip.write_bytes(pickle.dumps({"w": 1}))
+    with pytest.raises(CheckpointError, match="zip"):
+        load_torch_bin(str(not_zip))
+    missing_storage = tmp_path / "missing.bin"
+    _zip_with_pickle(missing_storage, _crafted_tensor_pickle((2,), (1,)))
+    with pytest.raises(CheckpointError, match="missing"):
+        load_torch_bin(str(missing_storage))
+    truncated = tmp_path / "truncated.bin"
+    _zip_with_pickle(truncated, _crafted_tensor_pickle((2,), (1,))[:-5],
+                     {"archive/data/0": np.zeros(4, np.float32).tobytes()})
+    with pytest.raises(UnsafePickleError):
+        load_torch_bin(str(truncated))
