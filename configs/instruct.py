@@ -70,6 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.audio_encoder = ml_collections.ConfigDict({
         "preset": "tiny" if small else "hubert_large", "hf_path": "",
         "source": "init" if small else "hf", "feature_layer": -1,
+        # The paper keeps HuBERT frozen; the demo, whose encoder starts from random weights, trains it
+        # jointly with the Q-Former in stage align (and keeps it frozen in tune).
+        "train_in_align": small,
         "overrides": ml_collections.ConfigDict(
             {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
              "intermediate_size": 128, "conv_dim": (32,) * 7} if small else {}),

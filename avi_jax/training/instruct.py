@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from avi_jax.data import builder, instructions, pipeline, schema
+from avi_jax.data import builder, instructions, schema
 from avi_jax.data.tokenizer import load_tokenizer, train_word_tokenizer
 from avi_jax.errors import ConfigError
 from avi_jax.models import audio_encoder as audio_lib
@@ -24,7 +24,7 @@ from avi_jax.models import qformer as qformer_lib
 from avi_jax.models import text_encoder as text_lib
 from avi_jax.models.generate import generate
 from avi_jax.models.instructor import Instructor, InstructorConfig
-from avi_jax.training import checkpointing, losses, mesh as mesh_lib
+from avi_jax.training import checkpointing, common, losses, mesh as mesh_lib
 from avi_jax.training.loop import INIT, Stage, device_batch
 from avi_jax.checkpoints.hf_folder import read_config
 
@@ -34,37 +34,16 @@ _MISSING = {
     "model.text_encoder.hf_path": "a local Hugging Face BERT folder (e.g. bert-base-uncased)",
     "model.llm.hf_path": "a local Hugging Face LLaMA folder (e.g. vicuna-7b-v1.5: config.json, "
                          "*.safetensors, tokenizer files)",
-    "data.dir": "a dataset prepared by `python -m avi_jax.data.prepare ...` (ArrayRecord folder)",
+    "data.dir": common.DATA_DIR_HINT,
 }
 
 
 def _require_path(value: str, field: str) -> str:
-    if not value:
-        raise ConfigError(f"config.{field} is empty: set --config.{field}=PATH to {_MISSING[field]}")
-    if not os.path.exists(value):
-        raise ConfigError(f"config.{field}={value!r} does not exist; it must be {_MISSING[field]}")
-    return value
+    return common.require_path(value, field, _MISSING[field])
 
 
-def _preset(module_or_cls: Any, spec: Any, **extra) -> Any:
-    """A model config from a preset name plus overrides (module-level or classmethod presets)."""
-    factory = getattr(module_or_cls, spec.preset, None)
-    if factory is None:
-        raise ConfigError(f"unknown preset {spec.preset!r} for {getattr(module_or_cls, '__name__', module_or_cls)}")
-    overrides = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in spec.overrides.items()}
-    return factory(**{**overrides, **extra})
-
-
-def dataset_path(config: Any, workdir: str) -> str:
-    """The prepared dataset folder: the demo corpus (built on first use) or ``config.data.dir``."""
-    if config.data.source == "demo":
-        out = config.data.dir or os.path.join(workdir, "data")
-        d = config.data.demo
-        return builder.prepare_demo(out, seed=int(d.seed), num_speakers=int(d.num_speakers),
-                                    clip_seconds=float(d.clip_seconds))
-    if config.data.source != "prepared":
-        raise ConfigError(f"config.data.source must be 'demo' or 'prepared', got {config.data.source!r}")
-    return _require_path(config.data.dir, "data.dir")
+_preset = common.preset
+dataset_path = common.dataset_path
 
 
 def _record_texts(source: Any) -> list[str]:
@@ -145,28 +124,22 @@ class InstructSetup:
         self.model_config = instructor_config(config, self.tokenizers)
         self.model = Instructor(self.model_config)
         self.template_ids, self.template_mask = tokenize_templates(self.tokenizers["llm"])
-        self.max_audio_samples = int(round(float(config.data.max_audio_seconds) * schema.SAMPLE_RATE))
+        self.max_audio_samples = common.max_audio_samples(config)
         self._prompt_fn = None
 
     def dataset(self, split: str, *, batch_size: int, train: bool, tokenizers: tuple[str, ...]):
-        d = self.config.data
-        source = builder.open_split(self.data_path, split)
-        if not train and int(d.max_eval_clips):
-            source = _Head(source, int(d.max_eval_clips))
-        return pipeline.make_dataset(
-            source, batch_size=batch_size // jax.process_count(), seed=int(self.config.seed),
-            shuffle=train, num_epochs=None if train else 1,
-            max_audio_samples=self.max_audio_samples, max_text_tokens=int(d.max_text_tokens),
+        return common.clip_dataset(
+            self.config, self.data_path, split, batch_size=batch_size, train=train,
             tokenizers={k: self.tokenizers[k] for k in tokenizers},
-            instruction_choice="random" if train else "first", drop_remainder=train)
+            max_text_tokens=int(self.config.data.max_text_tokens))
 
     def source_of(self, stage: str, component: str) -> str:
         """Where a component comes from in ``stage``: INIT, 'hf' or 'stage:<name>'."""
         m = self.config.model
         if component in ("audio_encoder", "text_encoder"):
             src = m[component].source
-            if src == INIT and stage == "tune":
-                return "stage:align"          # the align stage exported its seeded init
+            if stage == "tune" and (src == INIT or m[component].get("train_in_align", False)):
+                return "stage:align"      # align exported its seeded init / its fine-tuned weights
             return src
         if component == "qformer":
             return INIT if stage == "align" else "stage:align"
@@ -230,21 +203,6 @@ class InstructSetup:
         t = int(self.config.generation.template)
         return (np.repeat(self.template_ids[t:t + 1], batch, 0),
                 np.repeat(self.template_mask[t:t + 1], batch, 0))
-
-
-class _Head:
-    """The first n records of a random-access source."""
-
-    def __init__(self, source, n):
-        self.source, self.n = source, min(n, len(source))
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.source[i]
 
 
 class _InstructStage(Stage):
@@ -330,7 +288,8 @@ class AlignStage(_InstructStage):
 
     @property
     def trainable(self):
-        return ("qformer",)
+        tune_audio = self.config.model.audio_encoder.train_in_align
+        return ("qformer", "audio_encoder") if tune_audio else ("qformer",)
 
     def model_init(self, rng, batch):
         return self.model.init(rng, batch["audio"], batch["audio_mask"], batch["text_ids"],

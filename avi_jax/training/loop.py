@@ -171,6 +171,11 @@ def run_stage(stage: Stage, config: Any) -> dict[str, float]:
         tx = make_optimizer(sc.optimizer, total_steps)
         state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                            opt_state=jax.jit(tx.init)(trainable))
+        # Scalars (step, optimizer counts) default to one device: replicate them over the mesh.
+        mesh_devices = set(mesh.devices.flat)
+        state = jax.tree.map(
+            lambda x: x if x.sharding.device_set == mesh_devices
+            else jax.device_put(x, mesh_lib.replicated(mesh)), state)
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
         frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
 

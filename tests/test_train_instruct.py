@@ -1,0 +1,161 @@
+"""The stage-1 training job end to end on the tiny config: metrics, inference, resume, sharding."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from avi_jax.errors import ConfigError
+from avi_jax.training import mesh as mesh_lib
+from avi_jax.training.experiment import train_and_evaluate
+from configs import instruct
+
+
+def _config(data_dir, **overrides):
+    config = instruct.get_config("tiny")
+    config.data.dir = str(data_dir)
+    for key, value in overrides.items():
+        node = config
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo_data")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_dir):
+    workdir = str(tmp_path_factory.mktemp("tiny_run"))
+    return workdir, train_and_evaluate(_config(data_dir), workdir)
+
+
+def _losses(workdir, stage):
+    with open(os.path.join(workdir, stage, "train_metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r["step"] for r in rows], np.array([r["loss"] for r in rows])
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_metrics_and_exports(tiny_run):
+    workdir, metrics = tiny_run
+    with open(os.path.join(workdir, "final_metrics.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk["stages"].keys() == {"lm", "align", "tune"}
+    for key in ("retrieval_top1", "retrieval_chance", "emotion_accuracy", "tune_loss", "lm_loss"):
+        assert key in on_disk and np.isfinite(on_disk[key]), key
+    # 8 eval clips with distinct instructions -> chance is 1/8
+    assert on_disk["retrieval_chance"] == pytest.approx(1 / 8)
+    assert 0.0 <= on_disk["emotion_accuracy"] <= 1.0
+    for stage in ("lm", "align", "tune"):
+        assert os.path.isfile(os.path.join(workdir, stage, "params.safetensors"))
+        steps, losses = _losses(workdir, stage)
+        assert steps == list(range(1, 7)) and np.all(np.isfinite(losses))
+    # the LM stage learns: the loss goes down over its 6 steps
+    assert _losses(workdir, "lm")[1][-1] < _losses(workdir, "lm")[1][0]
+    with open(os.path.join(workdir, "tune", "samples.jsonl")) as f:
+        assert len([json.loads(line) for line in f]) == 8
+    assert os.path.isfile(os.path.join(workdir, "config.json"))
+
+
+@pytest.mark.slow
+def test_rerun_of_finished_run_is_a_no_op(tiny_run, data_dir):
+    workdir, metrics = tiny_run
+    again = train_and_evaluate(_config(data_dir), workdir)
+    assert again["retrieval_top1"] == metrics["retrieval_top1"]
+    assert _losses(workdir, "tune")[0] == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_infer_prints_one_instruction_per_real_recording(tiny_run, shared_fixtures, capsys, tmp_path):
+    from avi_jax import infer
+    workdir, _ = tiny_run
+    wavs = sorted(str(p) for p in (shared_fixtures / "speech").glob("*.wav"))
+    out = tmp_path / "instructions.jsonl"
+    assert infer.main(["--instruct-workdir", workdir, "--audio", *wavs, "--out", str(out)]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(printed) == len(wavs)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["audio"] for r in rows] == wavs
+    assert all(isinstance(r["instruction"], str) for r in rows)
+
+
+def test_infer_on_missing_workdir_is_a_clear_error(tmp_path, capsys):
+    from avi_jax import infer
+    assert infer.main(["--instruct-workdir", str(tmp_path), "--audio", "x.wav"]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigterm_then_restart_matches_straight_run(tmp_path, data_dir, monkeypatch):
+    """3 steps + SIGTERM (checkpoint) + restart + 3 steps == 6 straight steps, loss for loss."""
+    from avi_jax.training.loop import Preempted
+
+    config = _config(data_dir, stages=("lm",))
+    config.checkpoint.every = 1000        # only the preemption checkpoint exists
+    straight = str(tmp_path / "straight")
+    train_and_evaluate(config, straight)
+
+    resumed = str(tmp_path / "resumed")
+    real_shard = mesh_lib.shard_batch
+    calls = {"n": 0}
+
+    def shard_and_kill(batch, mesh):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_shard(batch, mesh)
+
+    monkeypatch.setattr(mesh_lib, "shard_batch", shard_and_kill)
+    with pytest.raises(Preempted):
+        train_and_evaluate(config, resumed)
+    monkeypatch.setattr(mesh_lib, "shard_batch", real_shard)
+    assert _losses(resumed, "lm")[0] == [1, 2, 3]
+    assert not os.path.exists(os.path.join(resumed, "lm", "final_metrics.json"))
+    train_and_evaluate(config, resumed)
+    steps, losses = _losses(resumed, "lm")
+    assert steps == list(range(1, 7))
+    np.testing.assert_allclose(losses, _losses(straight, "lm")[1], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_mesh_2x2x2_matches_single_device(tmp_path, data_dir):
+    """The same align steps on a (data 2, fsdp 2, tensor 2) mesh of 8 CPU devices and on 1 device."""
+    assert jax.device_count() >= 8, "conftest sets 8 fake CPU devices"
+    results = {}
+    for name, (d, f, t) in {"one": (1, 1, 1), "eight": (2, 2, 2)}.items():
+        config = _config(data_dir, stages=("align",))
+        config.align.total_steps = 3
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = d, f, t
+        workdir = str(tmp_path / name)
+        metrics = train_and_evaluate(config, workdir)
+        results[name] = (_losses(workdir, "align")[1], metrics["retrieval_top1"])
+    np.testing.assert_allclose(results["eight"][0], results["one"][0], rtol=1e-5)
+    assert results["eight"][1] == results["one"][1]
+
+
+def test_paper_config_without_paths_names_the_fields(tmp_path):
+    config = instruct.get_config("paper")
+    with pytest.raises(ConfigError, match=r"config\.data\.dir.*avi_jax\.data\.prepare"):
+        train_and_evaluate(config, str(tmp_path))
+    config = instruct.get_config("paper")
+    config.data.dir = str(tmp_path)
+    with pytest.raises(ConfigError, match=r"config\.model\.llm\.hf_path.*LLaMA"):
+        train_and_evaluate(config, str(tmp_path))
+
+
+def test_config_variants_and_overrides():
+    assert instruct.get_config("").variant == "paper"
+    assert instruct.get_config("paper").stages == ("align", "tune")
+    assert instruct.get_config("demo").stages == ("lm", "align", "tune")
+    assert instruct.get_config("variant=demo,stage=tune").stages == ("tune",)
+    with pytest.raises(ValueError, match="unknown config argument"):
+        instruct.get_config("colour=red")
