@@ -27,6 +27,8 @@ setup(
         "ml_dtypes>=0.5,<0.7",
         "soundfile>=0.13,<0.15",
         "soxr>=0.5,<1.2",
+        # m4a/mp4 (AAC) audio decoding for MEAD/RAVDESS; the wheel ships its own FFmpeg.
+        "av>=14,<20",
         "scipy>=1.13,<1.18",
         "tqdm>=4.66,<5",
         "absl-py>=2.1,<3",

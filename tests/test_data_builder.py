@@ -191,3 +191,41 @@ def test_prepare_cli(tmp_path, capsys):
     (tmp_path / "m.jsonl").write_text('{"audio": "missing.wav", "instruction": "x"}\n')
     assert prepare.main(["--data_dir", str(tmp_path), "--manifest", str(tmp_path / "m.jsonl")]) == 2
     assert "m.jsonl:1" in capsys.readouterr().err
+
+
+def test_refusals_are_collected_reported_and_strict(tmp_path):
+    def train():
+        yield _record("a")
+        yield builder.Refusal("b", "/data/b.m4a: truncated audio")
+        yield _record("c")
+
+    source = {"train": train, "test": [builder.Refusal("d", "/emoca/d: NaN"), _record("e", n=32000)]}
+    result = builder.prepare_dataset(source, tmp_path, "refusing")
+    assert result.clips == {"train": 2, "test": 1} and not result.reused
+    assert abs(result.audio_seconds["test"] - 2.0) < 1e-6 and abs(result.hours - 4.0 / 3600) < 1e-9
+    assert [(r.split, r.clip_id, r.reason) for r in result.refusals] == [
+        ("train", "b", "/data/b.m4a: truncated audio"), ("test", "d", "/emoca/d: NaN")]
+    assert "refused clips: 2" in result.summary() and "/data/b.m4a: truncated audio" in result.summary()
+    assert len(builder.open_split(result.path, "train")) == 2
+    again = builder.prepare_dataset(source, tmp_path, "refusing")        # reused: the report is read back
+    assert again.reused and again.refusals == result.refusals and again.clips == result.clips
+    with pytest.raises(InputError, match="--strict"):
+        builder.prepare_dataset(source, tmp_path, "refusing", strict=True)
+    with pytest.raises(InputError, match=r"--strict: 1 clip\(s\) of split 'train' refused:\n  b: /data/b.m4a"):
+        builder.prepare_dataset(source, tmp_path, "refusing-strict", strict=True)
+    assert not (tmp_path / "clip_dataset" / "refusing-strict" / builder.VERSION).exists()
+    with pytest.raises(InputError, match="split 'test' has no usable clip; all 1 were refused"):
+        builder.prepare_dataset({"train": [_record("a")], "test": [builder.Refusal("d", "bad")]}, tmp_path, "empty")
+
+
+def test_prepare_cli_subcommands(tmp_path, capsys):
+    from avi_jax.data import prepare
+    assert prepare.main(["demo", "--out", str(tmp_path), "--num_speakers", "4", "--clip_seconds", "0.5",
+                         "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "refused clips: 0" in out and "test" in out
+    assert len(builder.open_split(out.strip().splitlines()[-1], "test")) == 48
+    sf.write(tmp_path / "a.wav", 0.1 * np.ones(16000), 16000)
+    (tmp_path / "m.jsonl").write_text('{"audio": "a.wav", "instruction": "x"}\n')
+    assert prepare.main(["manifest", "--source", str(tmp_path / "m.jsonl"), "--out", str(tmp_path)]) == 0
+    assert len(builder.open_split(capsys.readouterr().out.strip().splitlines()[-1], "train")) == 1

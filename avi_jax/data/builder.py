@@ -1,4 +1,4 @@
-"""One tfds builder for every clip dataset (demo corpus, JSONL manifests, later MEAD/RAVDESS).
+"""One tfds builder for every clip dataset (demo corpus, JSONL manifests, MEAD/MeadText, RAVDESS).
 
 :class:`ClipDataset` writes ArrayRecord files whose examples follow :func:`schema.features`; the examples
 come from a *source*: a mapping ``split -> records`` where each value is an iterable of record dicts or a
@@ -7,16 +7,24 @@ finite values, coefficient frame count vs audio length) before it is written; a 
 :class:`InputError` naming the clip, and tfds' write-to-``*.incomplete*``-then-rename leaves nothing
 complete-looking behind.
 
+Refusals: a source for real data (MEAD, RAVDESS) may yield a :class:`Refusal` (clip id + reason naming the
+file at fault) in place of a record it cannot use. Refusals are collected and reported
+(:class:`PrepareResult`, ``avi_meta.json``) while the rest of the dataset is written; with ``strict=True``
+any refusal fails the build instead (after the split it occurs in, listing all of that split's refusals).
+
 Datasets live at ``data_dir/clip_dataset/<config name>/<version>``; the config name encodes what was
 prepared (``demo-seed0-spk12-2.0s``, ``manifest-<stem>-<hash>``) so preparing again with the same
 parameters reuses the existing files. Read them back with :func:`open_split` (random access, for grain).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import operator
 import os
+import shutil
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -32,7 +40,61 @@ VERSION = "1.0.0"
 SPLITS = ("train", "validation", "test")
 FRAME_TOLERANCE = 2        # coefficient frames that may be trimmed/padded to match the audio length
 
-Source = Mapping[str, "Iterable[dict] | Callable[[], Iterable[dict]]"]
+Source = Mapping[str, "Iterable[dict | Refusal] | Callable[[], Iterable[dict | Refusal]]"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """A clip a source cannot use: its id and why (the reason names the file at fault).
+
+    Yielded by a source in place of a record; :class:`ClipDataset` collects it (``split`` is filled in by
+    the builder) instead of aborting the build, unless ``strict``.
+    """
+    clip_id: str
+    reason: str
+    split: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.clip_id}: {self.reason}"
+
+
+@dataclasses.dataclass
+class PrepareResult:
+    """What :func:`prepare_dataset` produced.
+
+    path: the dataset directory (for :func:`open_split`); clips: split -> records written; audio_seconds:
+    split -> seconds of 16 kHz audio written; refusals: every refused clip with its reason; reused: True
+    when an already prepared dataset was returned (its report is read back from ``avi_meta.json``).
+    """
+    path: str
+    clips: dict[str, int]
+    audio_seconds: dict[str, float]
+    refusals: list[Refusal]
+    reused: bool = False
+
+    @property
+    def total_clips(self) -> int:
+        return int(sum(self.clips.values()))
+
+    @property
+    def hours(self) -> float:
+        """Hours of audio written over all splits."""
+        return float(sum(self.audio_seconds.values())) / 3600.0
+
+    def summary(self) -> str:
+        """A human-readable summary: clips and hours per split, then every refusal with its reason."""
+        lines = [f"dataset: {self.path}" + (" (already prepared; reused)" if self.reused else "")]
+        for split in sorted(self.clips, key=lambda x: SPLITS.index(x) if x in SPLITS else len(SPLITS)):
+            lines.append(f"  {split:<10} {self.clips[split]:>7} clips  {self.audio_seconds.get(split, 0.0) / 3600:8.3f} h")
+        lines.append(f"  {'total':<10} {self.total_clips:>7} clips  {self.hours:8.3f} h")
+        lines.append(f"refused clips: {len(self.refusals)}")
+        for r in self.refusals:
+            lines.append(f"  [{r.split}] {r.clip_id}: {r.reason}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"clips": dict(self.clips), "audio_seconds": dict(self.audio_seconds),
+                "refused": [dataclasses.asdict(r) for r in self.refusals]}
 
 
 def _as_array(rec: dict, key: str, clip: str, shape_tail: tuple[int, ...] | None) -> np.ndarray | None:
@@ -176,6 +238,12 @@ class ClipDataset(tfds.core.GeneratorBasedBuilder):
         to prepare. Every record goes through :func:`validate_record`; examples keep the source order
         (``disable_shuffling=True``), so record index i of a split is the i-th record of the source.
       description: free text stored in the dataset info.
+      strict: a :class:`Refusal` from the source fails the build (InputError listing the split's refusals,
+        raised once the split has been read) instead of being collected in ``self.refusals``.
+      progress: show a tqdm progress bar per split.
+
+    After preparing, ``self.refusals`` (list of Refusal), ``self.clip_counts`` and ``self.audio_seconds``
+    (split -> value) describe what was written.
     """
     VERSION = tfds.core.Version(VERSION)
     RELEASE_NOTES = {str(VERSION): "Clip records: 16 kHz int16 audio, FLAME coefficients at 25 fps, instructions."}
@@ -184,9 +252,15 @@ class ClipDataset(tfds.core.GeneratorBasedBuilder):
     # builder's code path (tfds looks for an absent checksums.tsv beside it: no downloads are involved).
     code_path = tfds.core.utils.classproperty(classmethod(lambda cls: epath.Path(__file__)))
 
-    def __init__(self, *, source: Source | None = None, description: str = "", **kwargs):
+    def __init__(self, *, source: Source | None = None, description: str = "", strict: bool = False,
+                 progress: bool = False, **kwargs):
         self._source = source
         self._description = description
+        self._strict = bool(strict)
+        self._progress = bool(progress)
+        self.refusals: list[Refusal] = []
+        self.clip_counts: dict[str, int] = {}
+        self.audio_seconds: dict[str, float] = {}
         super().__init__(**kwargs)
 
     def _info(self):
@@ -209,17 +283,38 @@ class ClipDataset(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split):
         items = self._source[split]
         items = items() if callable(items) else items
+        if self._progress:
+            from tqdm.auto import tqdm
+            total = operator.length_hint(items, 0) or None
+            items = tqdm(items, total=total, desc=f"{self.builder_config.name} [{split}]", unit="clip")
         seen = set()
+        refused: list[Refusal] = []
+        self.clip_counts[split] = 0
+        self.audio_seconds[split] = 0.0
         for rec in items:
+            if isinstance(rec, Refusal):
+                rec = dataclasses.replace(rec, split=split)
+                log.info("refused %s", rec)
+                refused.append(rec)
+                self.refusals.append(rec)
+                continue
             ex = validate_record(rec)
             if ex["clip_id"] in seen:
                 raise InputError(f"{ex['clip_id']}: duplicate clip_id in split '{split}'")
             seen.add(ex["clip_id"])
+            self.clip_counts[split] += 1
+            self.audio_seconds[split] += ex["audio"].size / schema.SAMPLE_RATE
             yield ex["clip_id"], ex
+        if refused and self._strict:
+            raise InputError(f"--strict: {len(refused)} clip(s) of split '{split}' refused:\n" +
+                             "\n".join(f"  {r}" for r in refused))
+        if not seen:   # tfds cannot write an empty split
+            raise InputError(f"split '{split}' has no usable clip" + (
+                f"; all {len(refused)} were refused:\n" + "\n".join(f"  {r}" for r in refused) if refused else ""))
 
 
 def prepare(source: Source, data_dir: str | os.PathLike, config_name: str, *, description: str = "",
-            metadata: Mapping[str, Any] | None = None) -> str:
+            metadata: Mapping[str, Any] | None = None, strict: bool = False) -> str:
     """Write ``source`` as ClipDataset config ``config_name`` under ``data_dir`` unless it already exists.
 
     Returns the dataset directory ``data_dir/clip_dataset/<config_name>/1.0.0`` (pass it to
@@ -227,18 +322,43 @@ def prepare(source: Source, data_dir: str | os.PathLike, config_name: str, *, de
     error nothing is left at the returned path. Safe to call from several processes at once (deterministic
     sources: whoever renames first wins, the others reuse it), though preparing on one process and
     waiting at a barrier avoids duplicated work. ``metadata`` (JSON-able) is stored as ``avi_meta.json``.
+    :class:`Refusal` items of the source are logged and skipped (see :func:`prepare_dataset` for the
+    report), or fail the build when ``strict``.
 
     Raises:
-      InputError: a record is invalid (names the clip).
+      InputError: a record is invalid (names the clip); with ``strict``, a refused clip.
+    """
+    return prepare_dataset(source, data_dir, config_name, description=description, metadata=metadata,
+                           strict=strict).path
+
+
+def prepare_dataset(source: Source, data_dir: str | os.PathLike, config_name: str, *, description: str = "",
+                    metadata: Mapping[str, Any] | None = None, strict: bool = False, progress: bool = False,
+                    force: bool = False) -> PrepareResult:
+    """:func:`prepare` returning a :class:`PrepareResult` (clips and audio hours per split, refusals).
+
+    ``avi_meta.json`` always holds ``metadata`` plus a ``report`` (clips, audio_seconds, refused), so a
+    reused dataset reports what its preparation refused. ``progress``: tqdm bar per split. ``force``:
+    delete an existing prepared copy first and prepare again. With ``strict``, a reused dataset whose
+    report lists refusals also fails.
+
+    Raises:
+      InputError: an invalid record (names the clip); with ``strict``, any refused clip (the message lists
+        them); a split without any usable clip (tfds cannot write an empty split; the message lists its
+        refusals).
     """
     data_dir = os.fspath(data_dir)
+    if force:   # before the builder exists: tfds reads an existing dataset's info when it is constructed
+        old = os.path.join(data_dir, "clip_dataset", config_name, VERSION)
+        if os.path.isdir(old):
+            shutil.rmtree(old)
     config = tfds.core.BuilderConfig(name=config_name, version=VERSION, description=description)
     builder = ClipDataset(source=source, description=description, data_dir=data_dir, config=config,
-                  file_format="array_record")
+                          file_format="array_record", strict=strict, progress=progress)
     path = os.fspath(builder.data_dir)
     if _is_complete(path):
         log.info("reusing prepared dataset %s", path)
-        return path
+        return read_result(path, strict)
     try:
         builder.download_and_prepare(file_format="array_record",
                                      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
@@ -247,12 +367,47 @@ def prepare(source: Source, data_dir: str | os.PathLike, config_name: str, *, de
         # first, so our final rename failed: the complete dataset is there, use it.
         if _is_complete(path):
             log.info("dataset %s was completed by another process; using it", path)
-            return path
+            return read_result(path, strict)
         raise
-    if metadata is not None:
-        with open(os.path.join(path, "avi_meta.json"), "w") as f:
-            json.dump(dict(metadata), f, indent=1, sort_keys=True)
-    return path
+    result = PrepareResult(path=path, clips=dict(builder.clip_counts), audio_seconds=dict(builder.audio_seconds),
+                           refusals=list(builder.refusals))
+    meta = dict(metadata or {})
+    meta["report"] = result.to_json()
+    tmp = os.path.join(path, "avi_meta.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(path, "avi_meta.json"))
+    return result
+
+
+def read_result(path: str | os.PathLike, strict: bool = False) -> PrepareResult:
+    """The :class:`PrepareResult` of an already prepared dataset (``reused=True``): its report from
+    ``avi_meta.json``, or clip counts from the tfds info for datasets prepared without one.
+
+    Raises:
+      InputError: with ``strict``, when the report lists refused clips.
+    """
+    path = os.fspath(path)
+    meta_path = os.path.join(path, "avi_meta.json")
+    report = {}
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            report = json.load(f).get("report") or {}
+    if report:
+        refusals = [Refusal(str(r["clip_id"]), str(r["reason"]), str(r.get("split", "")))
+                    for r in report.get("refused", [])]
+        result = PrepareResult(path=path, clips={k: int(v) for k, v in report.get("clips", {}).items()},
+                               audio_seconds={k: float(v) for k, v in report.get("audio_seconds", {}).items()},
+                               refusals=refusals, reused=True)
+    else:
+        info = tfds.builder_from_directory(path).info
+        result = PrepareResult(path=path, clips={k: int(v.num_examples) for k, v in info.splits.items()},
+                               audio_seconds={}, refusals=[], reused=True)
+    if strict and result.refusals:
+        raise InputError(f"--strict: the prepared dataset {path} was built with {len(result.refusals)} "
+                         "refused clip(s) (use --force to prepare it again):\n" +
+                         "\n".join(f"  [{r.split}] {r}" for r in result.refusals))
+    return result
 
 
 def _is_complete(path: str) -> bool:
@@ -389,6 +544,78 @@ def prepare_manifest(manifest_path: str | os.PathLike, data_dir: str | os.PathLi
     records = read_manifest(manifest_path)
     return prepare(records, data_dir, name, description=f"avi_jax manifest {manifest_path}",
                    metadata={"kind": "manifest", "manifest": os.path.abspath(manifest_path), "sha1": digest})
+
+
+def map_ordered(fn: Callable[[Any], Any], items: Iterable[Any], workers: int = 1, lookahead: int = 2):
+    """``(fn(x) for x in items)`` in order, computed by ``workers`` threads with bounded lookahead.
+
+    At most ``workers * lookahead`` results are pending at a time (memory stays bounded for decoded
+    audio). ``workers <= 1`` runs inline. Exceptions from ``fn`` propagate at their item.
+    """
+    if workers <= 1:
+        for x in items:
+            yield fn(x)
+        return
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix="avi_prepare") as pool:
+        try:
+            for x in items:
+                pending.append(pool.submit(fn, x))
+                if len(pending) >= workers * lookahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+class SizedStream:
+    """A re-iterable, sized ``map_ordered(fn, items, workers)``: a lazy split for :class:`ClipDataset`.
+
+    ``len()`` gives the progress bar its total; iterating calls ``fn`` on each item (which returns a record
+    dict or a :class:`Refusal`).
+    """
+
+    def __init__(self, items: list, fn: Callable[[Any], Any], workers: int = 1):
+        self.items, self.fn, self.workers = list(items), fn, int(workers)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return map_ordered(self.fn, self.items, self.workers)
+
+
+class SizedChain:
+    """Fixed items (e.g. refusals found while scanning) followed by a sized iterable (sized, re-iterable)."""
+
+    def __init__(self, head: list, tail: Any):
+        self.head, self.tail = list(head), tail
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.tail)
+
+    def __iter__(self):
+        yield from self.head
+        yield from self.tail
+
+
+def fingerprint(*parts: Any, files: Iterable[str] = (), root: str | None = None) -> str:
+    """12 hex digits of sha1 over JSON-able ``parts`` and the (relative path, size, mtime) of ``files``.
+
+    Names prepared datasets so that preparing the same inputs with the same options reuses them, and
+    changed audio/label files (size or modification time) prepare a new copy.
+    """
+    h = hashlib.sha1()
+    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    for path in sorted(files):
+        st = os.stat(path)
+        rel = os.path.relpath(path, root) if root else path
+        h.update(f"\n{rel}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
 
 
 def open_split(path: str | os.PathLike, split: str):
