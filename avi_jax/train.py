@@ -18,6 +18,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", None, "Call jax.distributed.initialize() (default: when a cluster environment "
     "is detected: JAX_COORDINATOR_ADDRESS, SLURM_NTASKS>1, or a TPU pod).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (else JAX_COORDINATOR_ADDRESS / cluster auto-detection).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (else JAX_NUM_PROCESSES / auto).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (else JAX_PROCESS_ID / auto).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,7 +45,12 @@ def main(argv):
     import jax
     distributed = _DISTRIBUTED.value if _DISTRIBUTED.value is not None else _cluster_detected()
     if distributed:
-        jax.distributed.initialize()
+        env = os.environ
+        num = _NUM_PROCESSES.value or (int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None)
+        pid = _PROCESS_ID.value
+        if pid is None and "JAX_PROCESS_ID" in env:
+            pid = int(env["JAX_PROCESS_ID"])
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=num, process_id=pid)
     jax.config.update("jax_threefry_partitionable", True)
     logging.info("JAX %s: process %d/%d, %d local / %d global devices (%s)", jax.__version__,
                  jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),

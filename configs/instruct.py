@@ -75,7 +75,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "train_in_align": small,
         "overrides": ml_collections.ConfigDict(
             {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "intermediate_size": 128, "conv_dim": (32,) * 7} if small else {}),
+             "intermediate_size": 128, "conv_dim": (32,) * 7,
+             # HuBERT-large's layout (per-frame layer norm in the conv encoder, pre-LN transformer)
+             "feat_extract_norm": "layer", "conv_bias": True, "do_stable_layer_norm": True,
+             "feat_proj_layer_norm": True} if small else {}),
     })
     m.text_encoder = ml_collections.ConfigDict({
         "preset": "tiny" if small else "bert_base", "hf_path": "",

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping
 
-import jax
 import numpy as np
 from flax import traverse_util
 
 from avi_jax.errors import CheckpointError
+from avi_jax.training.mesh import place
 
 Transform = Callable[[np.ndarray], np.ndarray]
 Row = tuple[str, str, Transform]
@@ -71,7 +71,7 @@ def build_params(ckpt: Mapping[str, np.ndarray], table: Iterable[Row], *,
                     f"{source}: '{key}' has shape {value.shape} after conversion, model expects {want} "
                     f"at {path}; does config.json match the weights?")
         if path in flat_shardings:
-            value = jax.device_put(value, flat_shardings[path])
+            value = place(value, flat_shardings[path])
         out[path] = value
     if flat_abstract is not None:
         missing = sorted(set(flat_abstract) - set(out))

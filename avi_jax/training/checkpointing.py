@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from avi_jax.errors import CheckpointError
+from avi_jax.training.mesh import place
 
 
 def make_manager(directory: str, *, max_to_keep: int, save_every: int,
@@ -98,5 +99,5 @@ def load_exported(path: str, abstract: Any, shardings: Any | None = None, *, pre
             if tuple(value.shape) != tuple(want.shape):
                 raise CheckpointError(f"{path}: '{name}' has shape {value.shape}, expected {want.shape}")
             value = value.astype(want.dtype)
-            out[key] = jax.device_put(value, flat_shardings[key]) if key in flat_shardings else value
+            out[key] = place(value, flat_shardings[key]) if key in flat_shardings else value
     return traverse_util.unflatten_dict(out, sep="/")

@@ -22,6 +22,12 @@ def _stage_classes(config: Any) -> tuple[Any, dict]:
     if config.family == "instruct":
         from avi_jax.training.instruct import STAGES, InstructSetup
         return InstructSetup, STAGES
+    if config.family == "motion":
+        from avi_jax.training.motion import STAGES, MotionSetup
+        return MotionSetup, STAGES
+    if config.family == "style":
+        from avi_jax.training.style import STAGES, StyleSetup
+        return StyleSetup, STAGES
     raise ConfigError(f"unknown config.family {config.family!r}")
 
 

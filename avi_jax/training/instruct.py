@@ -190,8 +190,7 @@ class InstructSetup:
                           rng=rng if rng is not None else jax.random.key(0),
                           temperature=float(gen.temperature), top_p=float(gen.top_p))
         tok = self.tokenizers["llm"]
-        return [tok.decode(row, skip_special_tokens=True).strip()
-                for row in np.asarray(jax.device_get(tokens))]
+        return [tok.decode(row, skip_special_tokens=True).strip() for row in mesh_lib.to_host(tokens)]
 
     def random_templates(self, rng: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
         """One of the ~10 templates per example, sampled (training)."""
@@ -230,7 +229,8 @@ class _InstructStage(Stage):
                                 batch_size=int(self.config[self.name].batch_size),
                                 tokenizers=self.tokenizers)
         for batch in ds:
-            yield batch, mesh_lib.shard_batch(device_batch(batch), mesh)
+            local = device_batch(batch)
+            yield mesh_lib.to_host(local), mesh_lib.shard_batch(local, mesh)
 
     def cached(self, key: str, make):
         """A jitted function built once per stage (evaluation runs several times)."""
@@ -307,7 +307,7 @@ class AlignStage(_InstructStage):
             p, b["audio"], b["audio_mask"], b["text_ids"], b["text_mask"], method=Instructor.align)[:2]))
         audio, text, texts, losses_ = [], [], [], []
         for host, batch in self.eval_batches(mesh):
-            a, t = jax.device_get(embed(params, batch))
+            a, t = mesh_lib.to_host(embed(params, batch))
             keep = host["valid"]
             audio.append(a[keep]), text.append(t[keep])
             texts += [tuple(r[m]) for r, m in zip(host["text_ids"][keep], host["text_mask"][keep])]

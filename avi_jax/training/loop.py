@@ -144,10 +144,10 @@ def run_stage(stage: Stage, config: Any) -> dict[str, float]:
     example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
         (x.shape[0] * jax.process_count(),) + x.shape[1:], x.dtype), example)
 
-    rng = jax.random.key(int(config.seed))
-    init_rng, step_rng = jax.random.split(rng)
+    seed = int(config.seed)
+    init_rng = lambda: jax.random.split(jax.random.key(seed))[0]     # noqa: E731 (traced inside jit)
     with mesh, nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(stage.model_init, init_rng, example)
+        boxed = jax.eval_shape(lambda b: stage.model_init(init_rng(), b), example)
         shardings = mesh_lib.logical_shardings(boxed, mesh, rules)
         abstract = nn.meta.unbox(boxed)
         unknown = set(stage.trainable) - set(abstract)
@@ -156,12 +156,12 @@ def run_stage(stage: Stage, config: Any) -> dict[str, float]:
         init_names = [c for c in abstract if stage.source(c) == INIT]
         params = {}
         if init_names:
-            def init_fn(r):
+            def init_fn():
                 dummy = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), example)
-                return {c: nn.meta.unbox(stage.model_init(r, dummy))[c] for c in init_names}
+                return {c: nn.meta.unbox(stage.model_init(init_rng(), dummy))[c] for c in init_names}
 
             init_fn = jax.jit(init_fn, out_shardings={c: shardings[c] for c in init_names})
-            params.update(init_fn(init_rng))
+            params.update(init_fn())
         for c in abstract:
             if c not in params:
                 params[c] = stage.load_component(c, abstract[c], shardings[c])
@@ -169,14 +169,15 @@ def run_stage(stage: Stage, config: Any) -> dict[str, float]:
         frozen = {c: v for c, v in params.items() if c not in stage.trainable}
         del params
         tx = make_optimizer(sc.optimizer, total_steps)
-        state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
-                           opt_state=jax.jit(tx.init)(trainable))
-        # Scalars (step, optimizer counts) default to one device: replicate them over the mesh.
-        mesh_devices = set(mesh.devices.flat)
-        state = jax.tree.map(
-            lambda x: x if x.sharding.device_set == mesh_devices
-            else jax.device_put(x, mesh_lib.replicated(mesh)), state)
-        state_shardings = jax.tree.map(lambda x: x.sharding, state)
+        repl = mesh_lib.replicated(mesh)
+        trainable_shardings = {c: shardings[c] for c in stage.trainable}
+        # Optimizer moments follow their parameters' shardings; counts and scalars are replicated.
+        opt_shardings = optax.tree_map_params(
+            tx, lambda _, s: s, jax.eval_shape(tx.init, {c: abstract[c] for c in stage.trainable}),
+            trainable_shardings, transform_non_params=lambda _: repl)
+        state_shardings = TrainState(step=repl, params=trainable_shardings, opt_state=opt_shardings)
+        state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+                        out_shardings=state_shardings)(trainable)
         frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
 
     if jax.process_index() == 0:
@@ -208,12 +209,11 @@ def run_stage(stage: Stage, config: Any) -> dict[str, float]:
                    "learning_rate": schedule(state.step)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    repl = mesh_lib.replicated(mesh)
     batch_sh = mesh_lib.batch_sharding(mesh)
     with mesh, nn.logical_axis_rules(rules):
         step_fn = jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_sh, repl),
                           out_shardings=(state_shardings, repl), donate_argnums=(0,))
-    step_rng = jax.device_put(step_rng, repl)
+    step_rng = jax.jit(lambda: jax.random.split(jax.random.key(seed))[1], out_shardings=repl)()
 
     report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     eval_every = int(sc.eval_every)

@@ -60,6 +60,28 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, An
     return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
 
 
+def place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Put a host array (the same full value on every process) onto ``sharding``.
+
+    Each device receives only its own slice; works when the sharding spans several processes, where
+    ``jax.device_put`` cannot be used.
+    """
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def to_host(tree: Any) -> Any:
+    """Global arrays -> numpy on every process (all-gathers arrays that span several processes).
+
+    Numpy leaves are host-local pieces of a per-host batch and are concatenated over processes too,
+    so host-side fields line up with gathered device outputs.
+    """
+    if jax.process_count() == 1:
+        return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+    from jax.experimental import multihost_utils
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

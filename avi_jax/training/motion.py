@@ -1,0 +1,441 @@
+"""Stage 2a training (paper Sec. III-D): the motion prior, ``stage=motion``.
+
+``MotionSetup`` gathers what the stage (and later the style stage and inference) needs: the prepared
+data, the training-set motion statistics, the ``MotionPrior`` model and, when configured, FLAME.
+``MotionStage`` states components, loss and evaluation and hands itself to the shared loop.
+
+Keeping the predicted frames out of the style encoder (the "content-irrelevant" space must not see the
+motion it is asked to produce):
+
+* training — ``split_target``: per clip, a random contiguous *target* segment of
+  ``round(target_fraction * n)`` of its n valid frames is predicted; the style encoder sees the clip's
+  other valid frames except ``exclusion_margin`` frames on either side of the segment (neighbouring
+  frames are nearly copies of the boundary frames). The reconstruction, velocity and vertex losses are
+  taken on the target frames only; the generator still runs over the whole clip (its audio context).
+* evaluation — ``heldout_halves``: each clip is predicted twice, first half with the style of the second
+  half (minus the margin), then the other way round, so every valid frame is predicted by a model whose
+  style encoder never saw it.
+
+Losses (per target frame, over the global batch): coefficient reconstruction (L1 or MSE, on motion
+normalised by the training statistics, i.e. per-coefficient errors in standard deviations; expression and
+jaw averaged separately and weighted), a velocity term (the same on first differences over consecutive
+target frames) and, with ``config.flame.model_path``, a vertex term (mean squared vertex distance in mm²
+over all vertices plus ``lip_weight`` times the same over the lip region).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from avi_jax.checkpoints.hf_folder import read_config
+from avi_jax.data import builder, schema
+from avi_jax.errors import ConfigError
+from avi_jax.models import audio_encoder as audio_lib
+from avi_jax.models import motion as motion_lib
+from avi_jax.models.motion import JAW_OPEN, MotionConfig, MotionPrior
+from avi_jax.training import checkpointing, common, mesh as mesh_lib
+from avi_jax.training.loop import INIT, Stage, device_batch
+
+_HF_AUDIO = "a local Hugging Face Wav2Vec2 folder (e.g. wav2vec2-base-960h: config.json + model.safetensors)"
+_FLAME_HINT = "the FLAME model (generic_model.pkl from https://flame.is.tue.mpg.de)"
+MM = 1000.0   # metres -> millimetres
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: targets, reference masks, losses, metrics.
+# ---------------------------------------------------------------------------------------------
+
+def target_motion(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Ground-truth motion (B, F, 53) = expression ++ jaw_pose, and mask (B, F) bool = coeff_mask & valid."""
+    motion = jnp.concatenate([batch["expression"], batch["jaw_pose"]], axis=-1)
+    mask = batch["coeff_mask"].astype(bool)
+    if "valid" in batch:
+        mask = mask & batch["valid"].astype(bool)[:, None]
+    return motion, mask
+
+
+def split_target(rng: jax.Array, mask: jax.Array, fraction: float, margin: int
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Training split of each clip's valid frames into a target segment and style references.
+
+    Args:
+      rng: PRNG key.
+      mask: (B, F) bool valid frames; assumed a prefix of the clip (the pipeline's right padding).
+      fraction: target length as a fraction of the n valid frames, ``L = clip(round(fraction n), 1, n)``.
+      margin: frames on each side of the target that are excluded from the references too.
+
+    Returns:
+      target (B, F) bool: frames ``[s, s + L)`` with s uniform in ``[0, n - L]``;
+      reference (B, F) bool: valid frames outside ``[s - margin, s + L + margin)``. Disjoint from target.
+    """
+    b, f = mask.shape
+    n = jnp.sum(mask, axis=-1)
+    length = jnp.clip(jnp.round(fraction * n).astype(jnp.int32), 1, jnp.maximum(n, 1))
+    start = jnp.floor(jax.random.uniform(rng, (b,)) * (n - length + 1)).astype(jnp.int32)
+    start = jnp.clip(start, 0, jnp.maximum(n - length, 0))
+    idx = jnp.arange(f)[None, :]
+    s, e = start[:, None], (start + length)[:, None]
+    target = mask & (idx >= s) & (idx < e)
+    reference = mask & ((idx < s - margin) | (idx >= e + margin))
+    return target, reference
+
+
+def heldout_halves(mask: jax.Array, margin: int) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """Evaluation split: ((target_a, reference_a), (target_b, reference_b)), each (B, F) bool.
+
+    a = the first ``n // 2`` valid frames (references: valid frames from ``n // 2 + margin`` on),
+    b = the rest (references: valid frames before ``n // 2 - margin``). target_a | target_b = mask.
+    """
+    n = jnp.sum(mask, axis=-1, keepdims=True)
+    idx = jnp.arange(mask.shape[1])[None, :]
+    half = n // 2
+    first = mask & (idx < half)
+    second = mask & (idx >= half)
+    return ((first, mask & (idx >= half + margin)), (second, mask & (idx < half - margin)))
+
+
+def _error(diff: jax.Array, kind: str) -> jax.Array:
+    if kind == "l1":
+        return jnp.abs(diff)
+    if kind == "mse":
+        return jnp.square(diff)
+    raise ConfigError(f"loss kind must be 'l1' or 'mse', got {kind!r}")
+
+
+def coefficient_losses(pred: jax.Array, target: jax.Array, mask: jax.Array, scale: jax.Array, *,
+                       kind: str = "l1", exp_weight: float = 1.0, jaw_weight: float = 1.0
+                       ) -> dict[str, jax.Array]:
+    """Reconstruction and velocity terms on normalised motion.
+
+    Args:
+      pred, target: (B, F, 53) raw motion (50 expression + 3 jaw, radians).
+      mask: (B, F) bool frames that count.
+      scale: (53,) per-coefficient normalisation (training standard deviation); errors are taken on
+        ``(pred - target) / scale``.
+      kind: 'l1' (mean absolute) or 'mse' (mean squared).
+      exp_weight, jaw_weight: weights of the expression and jaw means.
+
+    Returns:
+      ``expression``: mean error over masked frames and the 50 expression coefficients; ``jaw``: the same
+      over the 3 jaw coefficients; ``reconstruction = exp_weight * expression + jaw_weight * jaw``;
+      ``velocity``: the same weighted error of ``d[t] - d[t-1]`` over pairs of consecutive masked frames.
+      Scalars float32; a term with no frames is 0.
+    """
+    ne = schema.N_EXPRESSION
+    d = (pred - target) / scale
+
+    def weighted(err, m):
+        m = m.astype(err.dtype)[..., None]
+        count = jnp.maximum(jnp.sum(m), 1.0)
+        exp = jnp.sum(err[..., :ne] * m) / (count * ne)
+        jaw = jnp.sum(err[..., ne:] * m) / (count * (err.shape[-1] - ne))
+        return exp, jaw
+
+    exp, jaw = weighted(_error(d, kind), mask)
+    v_exp, v_jaw = weighted(_error(d[:, 1:] - d[:, :-1], kind), mask[:, 1:] & mask[:, :-1])
+    return {"expression": exp, "jaw": jaw, "reconstruction": exp_weight * exp + jaw_weight * jaw,
+            "velocity": exp_weight * v_exp + jaw_weight * v_jaw}
+
+
+def vertex_losses(flame: Any, pred: jax.Array, target: jax.Array, mask: jax.Array,
+                  lip_indices: jax.Array | None) -> dict[str, jax.Array]:
+    """Mean squared vertex distance (mm²) over masked frames: ``vertex`` over all FLAME vertices and
+    ``lip_vertex`` over ``lip_indices`` (0 when None). pred/target (B, F, 53) raw motion, mask (B, F)."""
+    from avi_jax.models.flame import motion_to_vertices
+    sq = jnp.sum(jnp.square((motion_to_vertices(flame, pred) - motion_to_vertices(flame, target)) * MM), -1)
+    m = mask.astype(sq.dtype)
+    count = jnp.maximum(jnp.sum(m), 1.0)
+    out = {"vertex": jnp.sum(jnp.mean(sq, -1) * m) / count}
+    out["lip_vertex"] = (jnp.sum(jnp.mean(sq[..., lip_indices], -1) * m) / count
+                         if lip_indices is not None else jnp.zeros(()))
+    return out
+
+
+def lip_vertex_error(flame: Any, pred: jax.Array, target: jax.Array, lip_indices: jax.Array) -> jax.Array:
+    """Per-frame lip vertex error (B, F) in mm: the largest L2 distance over the lip vertices
+    (FaceFormer / MeshTalk's LVE before averaging over frames)."""
+    from avi_jax.models.flame import motion_to_vertices
+    diff = (motion_to_vertices(flame, pred) - motion_to_vertices(flame, target))[..., lip_indices, :] * MM
+    return jnp.max(jnp.sqrt(jnp.sum(jnp.square(diff), -1)), -1)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two 1-D arrays (0.0 when either is constant)."""
+    a = np.asarray(a, np.float64) - np.mean(a)
+    b = np.asarray(b, np.float64) - np.mean(b)
+    den = np.sqrt(np.sum(a * a) * np.sum(b * b))
+    return float(np.sum(a * b) / den) if den > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup shared by the stage, the style stage and inference.
+# ---------------------------------------------------------------------------------------------
+
+def motion_model_config(config: Any) -> MotionConfig:
+    """``MotionConfig`` from ``config.model``: the audio encoder from its HF ``config.json`` (source
+    'hf') or a preset (+ overrides), the rest from ``config.model.motion`` (preset + overrides)."""
+    m = config.model
+    if m.audio_encoder.source == "hf":
+        audio = audio_lib.AudioEncoderConfig.from_hf(read_config(
+            common.require_path(m.audio_encoder.hf_path, "model.audio_encoder.hf_path", _HF_AUDIO)))
+    else:
+        audio = common.preset(audio_lib.AudioEncoderConfig, m.audio_encoder)
+    return common.preset(MotionConfig, m.motion, audio=audio,
+                         feature_layer=int(m.audio_encoder.feature_layer),
+                         normalize_audio=bool(m.audio_encoder.normalize))
+
+
+def motion_statistics(source: Any, max_clips: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (53,) float32 of the motion over all frames of the first
+    ``max_clips`` clips with coefficients (0 = all). The standard deviation is floored at 1e-4.
+
+    Raises ``ConfigError`` when no clip has coefficients.
+    """
+    total = np.zeros(motion_lib.MOTION_DIM)
+    total_sq = np.zeros(motion_lib.MOTION_DIM)
+    count = 0
+    n = len(source) if not max_clips else min(len(source), int(max_clips))
+    for i in range(n):
+        rec = source[i]
+        if not bool(rec.get("has_coefficients", True)):
+            continue
+        x = np.concatenate([np.asarray(rec["expression"], np.float64),
+                            np.asarray(rec["jaw_pose"], np.float64)], axis=-1)
+        total += x.sum(0)
+        total_sq += np.square(x).sum(0)
+        count += x.shape[0]
+    if count == 0:
+        raise ConfigError("the training split has no FLAME coefficients: the motion stage needs them")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+    return mean.astype(np.float32), np.maximum(std, 1e-4).astype(np.float32)
+
+
+class MotionSetup:
+    """Data, statistics, model and FLAME for the motion stage (and the style stage / inference).
+
+    Args:
+      config: a ``configs/motion_prior.py`` config (or any with the same ``data``, ``model`` and
+        ``flame`` fields).
+      workdir: the run's work directory.
+      data: prepare/open the dataset (False for inference from a workdir).
+    """
+
+    def __init__(self, config: Any, workdir: str, *, data: bool = True):
+        self.config = config
+        self.workdir = workdir
+        self.data_path = common.dataset_path(config, workdir) if data else None
+        self.model_config = motion_model_config(config)
+        self.model = MotionPrior(self.model_config)
+        self.flame = None
+        self.lip_indices = None
+        fc = config.get("flame", None)
+        if fc is not None and fc.model_path:
+            from avi_jax.models.flame import load_flame_model
+            common.require_path(fc.model_path, "flame.model_path", _FLAME_HINT)
+            self.flame = load_flame_model(fc.model_path, fc.masks_path or None,
+                                          n_exp=schema.N_EXPRESSION)
+            if fc.masks_path:
+                self.lip_indices = self.flame.mask(fc.lip_region)
+        self._stats = None
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """Training-set motion (mean, std), computed once (``config.data.stats_max_clips`` clips)."""
+        if self._stats is None:
+            source = builder.open_split(self.data_path, self.config.data.train_split)
+            self._stats = motion_statistics(source, int(self.config.data.get("stats_max_clips", 0)))
+        return self._stats
+
+    def dataset(self, split: str, *, batch_size: int, train: bool):
+        """The batch stream of ``split`` (``common.clip_dataset``; no tokenizers)."""
+        return common.clip_dataset(self.config, self.data_path, split, batch_size=batch_size, train=train)
+
+    def source_of(self, component: str) -> str:
+        """INIT or 'hf' (the Wav2Vec2 of ``config.model.audio_encoder.source``)."""
+        if component == "audio_encoder":
+            return self.config.model.audio_encoder.source
+        if component in ("content_encoder", "style_encoder", "generator", "normalizer"):
+            return INIT
+        raise ConfigError(f"unknown motion component {component!r}")
+
+    def load(self, component: str, source: str, abstract: Any, shardings: Any) -> Any:
+        """Load a non-INIT component: 'hf' = the Wav2Vec2 of ``config.model.audio_encoder.hf_path``
+        (placed on ``shardings`` as converted). Raises ``ConfigError`` for anything else."""
+        if component == "audio_encoder" and source == "hf":
+            from avi_jax.checkpoints.audio_encoder import load_audio_encoder
+            _, params = load_audio_encoder(self.config.model.audio_encoder.hf_path, shardings=shardings,
+                                           dtype=np.float32)
+            return params["params"] if set(params) == {"params"} else params
+        raise ConfigError(f"component {component!r}: unknown source {source!r}")
+
+    def init_params(self, rng: jax.Array, batch: dict[str, jax.Array], *, with_statistics: bool = True
+                    ) -> dict:
+        """Boxed parameters of every component; ``normalizer`` holds the training statistics."""
+        motion, mask = target_motion(batch)
+        params = dict(self.model.init(rng, batch["audio"], batch["audio_mask"], motion, mask)["params"])
+        if with_statistics:
+            mean, std = self.statistics()
+            params["normalizer"] = {"mean": jnp.asarray(mean), "scale": jnp.asarray(std)}
+        return params
+
+    def abstract_params(self, num_samples: int, batch_size: int = 1) -> dict:
+        """Unboxed ShapeDtypeStructs of all components for audio of ``num_samples`` samples."""
+        b, f = batch_size, num_samples // schema.SAMPLES_PER_FRAME
+        spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
+        batch = {"audio": spec((b, num_samples)), "audio_mask": spec((b, num_samples), bool),
+                 "expression": spec((b, f, schema.N_EXPRESSION)), "jaw_pose": spec((b, f, schema.N_JAW)),
+                 "coeff_mask": spec((b, f), bool)}
+        boxed = jax.eval_shape(lambda r, x: self.init_params(r, x, with_statistics=False),
+                               jax.random.key(0), batch)
+        return nn.meta.unbox(boxed)
+
+    def load_trained(self, components: tuple[str, ...] | None = None, shardings: Any | None = None) -> dict:
+        """Parameters of a finished motion stage: ``<workdir>/motion/params.safetensors``, except a frozen
+        Wav2Vec2 loaded from a Hugging Face folder, which is read from ``model.audio_encoder.hf_path`` again
+        (the stage does not export it).
+
+        ``components``: e.g. ``('style_encoder', 'normalizer')`` for the style stage; default all.
+        Raises ``CheckpointError`` if the file or a tensor is missing.
+        """
+        abstract = self.abstract_params(schema.SAMPLES_PER_FRAME * 4)
+        components = tuple(abstract) if components is None else components
+        path = os.path.join(self.workdir, MotionStage.name, "params.safetensors")
+        out = {}
+        for c in components:
+            sh = None if shardings is None else shardings[c]
+            a = self.config.model.audio_encoder
+            if c == "audio_encoder" and self.source_of(c) == "hf" and not a.finetune:
+                out[c] = self.load(c, "hf", abstract[c], sh)
+            else:
+                out[c] = checkpointing.load_exported(path, abstract[c], sh, prefix=f"{c}/")
+        return out
+
+
+def load_motion_workdir(workdir: str, components: tuple[str, ...] | None = None
+                        ) -> tuple[MotionSetup, dict]:
+    """Rebuild the motion model of a finished run from its workdir alone (``config.json`` +
+    ``motion/params.safetensors``); returns (setup, params). Used by the style stage and inference.
+
+    Raises ``ConfigError`` when ``<workdir>/config.json`` is missing, ``CheckpointError`` for the params.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} not found: {workdir!r} is not a motion run's workdir "
+                          f"(train one with configs/motion_prior.py)")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if config.get("family") != "motion":
+        raise ConfigError(f"{path}: family {config.get('family')!r}, expected 'motion'")
+    setup = MotionSetup(config, workdir, data=False)
+    return setup, setup.load_trained(components)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage.
+# ---------------------------------------------------------------------------------------------
+
+class MotionStage(Stage):
+    """Stage 2a: style encoder + talking generator (+ content encoder; + Wav2Vec2 when fine-tuned)."""
+    name = "motion"
+
+    def __init__(self, setup: MotionSetup):
+        super().__init__(setup.config, setup.workdir)
+        self.setup = setup
+        self.model = setup.model
+        self._eval_fn = None
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        extra = ("audio_encoder",) if self.config.model.audio_encoder.finetune else ()
+        return ("content_encoder", "style_encoder", "generator") + extra
+
+    def source(self, component: str) -> str:
+        return self.setup.source_of(component)
+
+    def load_component(self, component, abstract, shardings):
+        return self.setup.load(component, self.source(component), abstract, shardings)
+
+    def train_dataset(self):
+        return self.setup.dataset(self.config.data.train_split, train=True,
+                                  batch_size=int(self.config.motion.batch_size))
+
+    def model_init(self, rng, batch):
+        return self.setup.init_params(rng, batch)
+
+    def loss(self, params, batch, rng):
+        sc, lc = self.config.motion, self.config.loss
+        split_rng, drop_rng = jax.random.split(rng)
+        motion, mask = target_motion(batch)
+        target, reference = split_target(split_rng, mask, float(sc.target_fraction), int(sc.exclusion_margin))
+        pred = self.model.apply({"params": params}, batch["audio"], batch["audio_mask"], motion, reference,
+                                False, rngs={"dropout": drop_rng})
+        terms = coefficient_losses(pred, motion, target, params["normalizer"]["scale"], kind=lc.kind,
+                                   exp_weight=float(lc.exp_weight), jaw_weight=float(lc.jaw_weight))
+        loss = terms["reconstruction"] + float(lc.velocity_weight) * terms["velocity"]
+        if self.setup.flame is not None and float(lc.vertex_weight) > 0:
+            v = vertex_losses(self.setup.flame, pred, motion, target, self.setup.lip_indices)
+            terms.update(v)
+            loss = loss + float(lc.vertex_weight) * (v["vertex"] + float(lc.lip_weight) * v["lip_vertex"])
+        terms["target_frames"] = jnp.sum(target).astype(jnp.float32)
+        return loss, terms
+
+    def _predict(self, params, batch):
+        """Held-out predictions (B, F, 53): each half of a clip predicted with the other half's style."""
+        motion, mask = target_motion(batch)
+        content, frame_mask = self.model.apply({"params": params}, batch["audio"], batch["audio_mask"],
+                                               method=MotionPrior.content)
+        v = {"params": params}
+        pred = jnp.zeros_like(motion)
+        for target, reference in heldout_halves(mask, int(self.config.motion.exclusion_margin)):
+            style = self.model.apply(v, motion, reference, method=MotionPrior.style)
+            out = self.model.apply(v, content, frame_mask, style, method=MotionPrior.generate)
+            pred = jnp.where(target[..., None], out, pred)
+        out = {"pred": pred, "target": motion, "mask": mask}
+        if self.setup.flame is not None and self.setup.lip_indices is not None:
+            out["lve"] = lip_vertex_error(self.setup.flame, pred, motion, self.setup.lip_indices)
+        return out
+
+    def evaluate(self, params, mesh):
+        """Held-out metrics over all valid frames of the eval split (``heldout_halves``):
+
+        jaw_correlation (Pearson of predicted vs true jaw opening ``jaw_pose[..., 0]``), coeff_mse (raw
+        units, 53 coefficients), expression_mse, jaw_mse, mean_pose_mse (always predicting the training
+        mean motion), lve_mm (with FLAME and its masks), num_eval_frames.
+        """
+        if self._eval_fn is None:
+            self._eval_fn = jax.jit(self._predict)
+        preds, targets, lves = [], [], []
+        ds = self.setup.dataset(self.config.data.eval_split, train=False,
+                                batch_size=int(self.config.motion.eval_batch_size))
+        for host in ds:
+            batch = mesh_lib.shard_batch(device_batch(host), mesh)
+            out = mesh_lib.to_host(self._eval_fn(params, batch))   # all-gathered over processes
+            keep = np.asarray(out["mask"])
+            preds.append(out["pred"][keep]), targets.append(out["target"][keep])
+            if "lve" in out:
+                lves.append(out["lve"][keep])
+        pred, target = np.concatenate(preds), np.concatenate(targets)
+        mean = mesh_lib.to_host(params["normalizer"]["mean"])
+        ne = schema.N_EXPRESSION
+        err = np.square(pred - target)
+        metrics = {
+            "jaw_correlation": pearson(pred[:, JAW_OPEN], target[:, JAW_OPEN]),
+            "coeff_mse": float(err.mean()),
+            "expression_mse": float(err[:, :ne].mean()),
+            "jaw_mse": float(err[:, ne:].mean()),
+            "mean_pose_mse": float(np.square(mean[None] - target).mean()),
+            "num_eval_frames": float(target.shape[0]),
+        }
+        if lves:
+            metrics["lve_mm"] = float(np.concatenate(lves).mean())
+        return metrics
+
+
+STAGES = {"motion": MotionStage}
