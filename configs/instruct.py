@@ -83,6 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.text_encoder = ml_collections.ConfigDict({
         "preset": "tiny" if small else "bert_base", "hf_path": "",
         "source": "init" if small else "hf", "pooling": "mean" if small else "cls",
+        # Frozen in the paper (pretrained BERT); the demo's randomly initialised one is trained in align.
+        "train_in_align": small,
         "overrides": ml_collections.ConfigDict(
             {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
              "intermediate_size": 128} if small else {}),

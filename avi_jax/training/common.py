@@ -98,3 +98,18 @@ def clip_dataset(config: Any, data_path: str, split: str, *, batch_size: int, tr
         shuffle=train, num_epochs=None if train else 1, max_audio_samples=max_audio_samples(config),
         max_text_tokens=max_text_tokens, tokenizers=dict(tokenizers or {}),
         instruction_choice="random" if train else "first", drop_remainder=train)
+
+
+def instruction_texts(source: Any) -> list[str]:
+    """Every instruction string of a random-access clip source (e.g. to train the demo tokenizer)."""
+    out = []
+    for i in range(len(source)):
+        for t in source[i]["instructions"]:
+            out.append(t.decode() if isinstance(t, bytes) else str(t))
+    return out
+
+
+def padded_vocab_size(num_tokens: int, multiple: int = 64) -> int:
+    """Vocabulary size for a model initialised from scratch: ``num_tokens`` rounded up to a multiple
+    of 64, so the vocab axis divides any tensor-parallel mesh size (extra rows are never used)."""
+    return -(-int(num_tokens) // multiple) * multiple

@@ -42,18 +42,6 @@ def _require_path(value: str, field: str) -> str:
     return common.require_path(value, field, _MISSING[field])
 
 
-_preset = common.preset
-dataset_path = common.dataset_path
-
-
-def _record_texts(source: Any) -> list[str]:
-    out = []
-    for i in range(len(source)):
-        for t in source[i]["instructions"]:
-            out.append(t.decode() if isinstance(t, bytes) else str(t))
-    return out
-
-
 def load_tokenizers(config: Any, workdir: str, data_path: str) -> dict[str, Any]:
     """{'text': ..., 'llm': ...}. Demo/tiny: one word-level tokenizer trained on the training
     instructions and the templates (saved to ``<workdir>/tokenizer``); paper: the models' own."""
@@ -62,7 +50,7 @@ def load_tokenizers(config: Any, workdir: str, data_path: str) -> dict[str, Any]
         if os.path.isdir(folder):
             tok = load_tokenizer(folder)
         else:
-            texts = _record_texts(builder.open_split(data_path, config.data.train_split))
+            texts = common.instruction_texts(builder.open_split(data_path, config.data.train_split))
             tok = train_word_tokenizer(texts + list(instructions.INSTRUCTION_TEMPLATES), folder)
         return {"text": tok, "llm": tok}
     llm_path = config.tokenizer.llm_path or _require_path(config.model.llm.hf_path, "model.llm.hf_path")
@@ -80,19 +68,19 @@ def instructor_config(config: Any, tokenizers: dict[str, Any]) -> InstructorConf
         audio = audio_lib.AudioEncoderConfig.from_hf(
             read_config(_require_path(m.audio_encoder.hf_path, "model.audio_encoder.hf_path")))
     else:
-        audio = _preset(audio_lib.AudioEncoderConfig, m.audio_encoder)
-    qformer = _preset(qformer_lib.QFormerConfig, m.qformer)
+        audio = common.preset(audio_lib.AudioEncoderConfig, m.audio_encoder)
+    qformer = common.preset(qformer_lib.QFormerConfig, m.qformer)
     text_tok, llm_tok = tokenizers["text"], tokenizers["llm"]
     if m.text_encoder.source == "hf":
         from avi_jax.checkpoints.text_encoder import bert_config   # pooler presence from the weights
         text = bert_config(_require_path(m.text_encoder.hf_path, "model.text_encoder.hf_path"))
     else:
-        text = _preset(text_lib, m.text_encoder, vocab_size=len(text_tok))
+        text = common.preset(text_lib, m.text_encoder, vocab_size=common.padded_vocab_size(len(text_tok)))
     if m.llm.source == "hf":
         llm = llama_lib.LlamaConfig.from_hf(read_config(_require_path(m.llm.hf_path, "model.llm.hf_path")),
                                             dtype=m.llm.dtype)
     else:
-        llm = _preset(llama_lib, m.llm, vocab_size=len(llm_tok), dtype=m.llm.dtype,
+        llm = common.preset(llama_lib, m.llm, vocab_size=common.padded_vocab_size(len(llm_tok)), dtype=m.llm.dtype,
                       bos_token_id=llm_tok.bos_token_id, eos_token_id=llm_tok.eos_token_id,
                       pad_token_id=llm_tok.pad_token_id)
     return InstructorConfig(audio=audio, qformer=qformer, text=text, llm=llm,
@@ -119,7 +107,7 @@ class InstructSetup:
     def __init__(self, config: Any, workdir: str, *, data: bool = True):
         self.config = config
         self.workdir = workdir
-        self.data_path = dataset_path(config, workdir) if data else None
+        self.data_path = common.dataset_path(config, workdir) if data else None
         self.tokenizers = load_tokenizers(config, workdir, self.data_path)
         self.model_config = instructor_config(config, self.tokenizers)
         self.model = Instructor(self.model_config)
@@ -275,12 +263,6 @@ class LmStage(_InstructStage):
         return {"lm_loss": totals[0] / max(totals[1], 1)}
 
 
-def _text_positives(ids: jax.Array, mask: jax.Array) -> jax.Array:
-    """(B, B) bool: examples whose tokenized instructions are identical (multi-positive InfoNCE)."""
-    ids = jnp.where(mask, ids, -1)
-    return jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)
-
-
 class AlignStage(_InstructStage):
     """Stage 1a: Q-Former audio embeddings vs frozen text-encoder features, symmetric InfoNCE (Eq. 6)."""
     name = "align"
@@ -288,8 +270,8 @@ class AlignStage(_InstructStage):
 
     @property
     def trainable(self):
-        tune_audio = self.config.model.audio_encoder.train_in_align
-        return ("qformer", "audio_encoder") if tune_audio else ("qformer",)
+        m = self.config.model
+        return ("qformer",) + tuple(c for c in ("audio_encoder", "text_encoder") if m[c].train_in_align)
 
     def model_init(self, rng, batch):
         return self.model.init(rng, batch["audio"], batch["audio_mask"], batch["text_ids"],
@@ -300,7 +282,7 @@ class AlignStage(_InstructStage):
             {"params": params}, batch["audio"], batch["audio_mask"], batch["text_ids"],
             batch["text_mask"], False, method=Instructor.align, rngs={"dropout": rng})
         return losses.info_nce(audio_emb, text_emb, temp, valid=batch["valid"],
-                               targets_equal=_text_positives(batch["text_ids"], batch["text_mask"]))
+                               targets_equal=losses.identical_sequences(batch["text_ids"], batch["text_mask"]))
 
     def evaluate(self, params, mesh):
         embed = self.cached("eval", lambda: jax.jit(lambda p, b: self.apply(

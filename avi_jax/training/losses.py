@@ -200,3 +200,10 @@ def retrieval_metrics(sim: jax.Array, positives: jax.Array, ks: Sequence[int] = 
     out["positive_rate"] = jnp.sum(jnp.where(has_pos, positives.sum(-1) / m, 0.0)) / n
     out["num_queries"] = has_pos.sum()
     return {key: jnp.asarray(v, jnp.float32) for key, v in out.items()}
+
+
+def identical_sequences(ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """(B, B) bool: rows whose valid tokens are identical (B, L) — duplicate instructions in a batch,
+    the positives of a multi-positive ``info_nce``."""
+    ids = jnp.where(mask, ids, -1)
+    return jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)

@@ -53,7 +53,6 @@ from avi_jax.models import style_prior as prior_lib
 from avi_jax.models import text_encoder as text_lib
 from avi_jax.models.motion import MotionPrior
 from avi_jax.training import checkpointing, common, losses, mesh as mesh_lib
-from avi_jax.training.instruct import _record_texts, _text_positives
 from avi_jax.training.loop import INIT, Stage
 from avi_jax.training.motion import MotionStage, load_motion_workdir, target_motion
 
@@ -161,7 +160,7 @@ class StyleSetup:
             return load_tokenizer(folder)
         if self.data_path is None:
             raise ConfigError(f"{folder}: no tokenizer (the demo tokenizer is written there by training)")
-        texts = _record_texts(builder.open_split(self.data_path, c.data.train_split))
+        texts = common.instruction_texts(builder.open_split(self.data_path, c.data.train_split))
         return train_word_tokenizer(texts, folder)
 
     def _text_config(self):
@@ -175,7 +174,7 @@ class StyleSetup:
         if te.source != INIT:
             raise ConfigError(f"config.model.text_encoder.source must be 'init' or 'hf', got {te.source!r}")
         # Rounded up to a multiple of 64 so the embedding table shards over any mesh (extra rows unused).
-        kw = {"vocab_size": -(-len(self.tokenizer) // 64) * 64}
+        kw = {"vocab_size": common.padded_vocab_size(len(self.tokenizer))}
         if te.preset.startswith("clip"):
             kw["eos_token_id"] = self.tokenizer.eos_token_id
         return common.preset(text_lib, te, **kw)
@@ -342,7 +341,7 @@ class StyleStage(Stage):
         aligner = prior_lib.InstructionAligner(cfg)
         aligned = aligner.apply({"params": params["aligner"]}, text, False, rngs={"dropout": k_drop})
         temp = aligner.apply({"params": params["aligner"]}, method=prior_lib.InstructionAligner.temperature)
-        positives = _text_positives(batch["text_ids"], batch["text_mask"])
+        positives = losses.identical_sequences(batch["text_ids"], batch["text_mask"])
         if bool(sc.label_positives):
             positives = positives | label_positives(batch["emotion"], batch["intensity"])
         nce, metrics = losses.info_nce(aligned, z, temp, valid=valid, targets_equal=positives)
