@@ -35,7 +35,7 @@ class InstructionModel:
         import jax.numpy as jnp
         import flax.linen as nn
         from avi_jax.models.instructor import Instructor
-        from avi_jax.training.instruct import InstructSetup
+        from avi_jax.training.instruct import InstructSetup, tune_trainable
 
         config = load_workdir_config(workdir)
         if not os.path.isfile(os.path.join(workdir, "tune", "params.safetensors")):
@@ -46,9 +46,9 @@ class InstructionModel:
                  jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool))
         abstract = nn.meta.unbox(jax.eval_shape(
             lambda: self.setup.model.init(jax.random.key(0), *dummy, method=Instructor.init_tune)))["params"]
-        # The projection was trained by 'tune'; everything else comes from where 'tune' took it.
-        sources = {c: "stage:tune" if c == "llm_proj" else self.setup.source_of("tune", c)
-                   for c in abstract}
+        # What 'tune' trained comes from its export; everything else from where 'tune' took it.
+        trained = tune_trainable(config)
+        sources = {c: "stage:tune" if c in trained else self.setup.source_of("tune", c) for c in abstract}
         self.params = {c: self.setup.load(c, sources[c], abstract[c], None) for c in abstract}
 
     def describe(self, paths: Sequence[str]) -> list[str]:

@@ -69,4 +69,5 @@ def optimizer_config(lr: float, warmup_steps: int, weight_decay: float = 0.05,
     return ml_collections.ConfigDict({
         "lr": lr, "warmup_steps": warmup_steps, "final_lr_ratio": 0.1,
         "weight_decay": weight_decay, "b1": 0.9, "b2": 0.999, "clip_norm": clip_norm,
+        "frozen_patterns": (),   # regexes over 'component/.../param' paths kept fixed (see training.state)
     })

@@ -57,7 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.max_audio_seconds = 2.0 if small else 6.0
     c.data.max_text_tokens = 40 if small else 64
     c.data.max_instruction_tokens = 32 if small else 64
-    c.data.demo = ml_collections.ConfigDict({"seed": 0, "num_speakers": 12, "clip_seconds": 2.0})
+    # 24 speakers (21 train, 1 validation, 2 held-out test): fewer train speakers let the small
+    # from-scratch encoders memorise speakers instead of learning emotion.
+    c.data.demo = ml_collections.ConfigDict({"seed": 0, "num_speakers": 24, "clip_seconds": 2.0})
     c.data.max_eval_clips = 0  # 0 = the whole eval split
 
     # ---- tokenizers ---------------------------------------------------------------------------
@@ -98,6 +100,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.llm = ml_collections.ConfigDict({
         "preset": "tiny" if small else "llama_7b", "hf_path": "",
         "source": "stage:lm" if small else "hf",
+        # The paper keeps Vicuna frozen and trains only the projection; the demo's stand-in LM (a few
+        # minutes of training on instruction texts) cannot follow a soft prompt unless tuned with it.
+        "train_in_tune": small,
         "dtype": "float32" if small else "bfloat16",
         "overrides": ml_collections.ConfigDict(
             {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
@@ -108,8 +113,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ---- stages -------------------------------------------------------------------------------
     if small:
         c.lm = _stage(300, 32, 3e-3, 30, log_every=50, eval_every=0)
-        c.align = _stage(400, 32, 1e-3, 40, log_every=50, eval_every=0)
-        c.tune = _stage(400, 16, 3e-3, 40, log_every=50, eval_every=0)
+        c.align = _stage(1200, 32, 1e-3, 100, log_every=100, eval_every=0)
+        # The demo fine-tunes its audio encoder in align with the conv feature encoder kept fixed.
+        c.align.optimizer.frozen_patterns = ("^audio_encoder/feature_extractor/",)
+        c.tune = _stage(800, 16, 3e-3, 80, log_every=100, eval_every=0)
     else:
         c.lm = _stage(10_000, 64, 3e-4, 500, log_every=100, eval_every=2000)
         c.align = _stage(20_000, 128, 1e-4, 1000, log_every=100, eval_every=2000)

@@ -305,11 +305,20 @@ class AlignStage(_InstructStage):
                 "retrieval_chance": m["retrieval_chance"], "retrieval_queries": m["num_queries"]}
 
 
+def tune_trainable(config: Any) -> tuple[str, ...]:
+    """Components trained in stage tune: the projection (paper), and the LLM when
+    ``model.llm.train_in_tune`` (the demo, whose tiny stand-in LM cannot follow a soft prompt frozen)."""
+    return ("llm_proj", "llm") if config.model.llm.get("train_in_tune", False) else ("llm_proj",)
+
+
 class TuneStage(_InstructStage):
     """Stage 1b: train the projection that turns audio tokens into a soft prompt for the frozen LLM."""
     name = "tune"
-    trainable = ("llm_proj",)
     tokenizers = ("llm",)
+
+    @property
+    def trainable(self):
+        return tune_trainable(self.config)
 
     def model_init(self, rng, batch):
         b = batch["audio"].shape[0]

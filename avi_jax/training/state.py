@@ -6,12 +6,14 @@ or optimizer memory.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 
 @flax.struct.dataclass
@@ -34,12 +36,25 @@ def make_schedule(opt_config: Any, total_steps: int) -> optax.Schedule:
 def make_optimizer(opt_config: Any, total_steps: int) -> optax.GradientTransformation:
     """AdamW (decoupled weight decay on >=2-d weights only) + ``make_schedule`` + global-norm clipping.
 
-    ``opt_config`` fields: lr, warmup_steps, final_lr_ratio, weight_decay, b1, b2, clip_norm.
+    ``opt_config`` fields: lr, warmup_steps, final_lr_ratio, weight_decay, b1, b2, clip_norm, and
+    optionally ``frozen_patterns``: regular expressions over '/'-joined parameter paths (e.g.
+    ``audio_encoder/feature_extractor/``) whose parameters are kept fixed inside a trained component
+    (like transformers' ``freeze_feature_encoder``); their gradients are never computed.
     """
     decay_mask = lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
-    return optax.chain(
+    adamw = optax.chain(
         optax.clip_by_global_norm(float(opt_config.clip_norm)),
         optax.adamw(make_schedule(opt_config, total_steps), b1=float(opt_config.b1),
                     b2=float(opt_config.b2), weight_decay=float(opt_config.weight_decay),
                     mask=decay_mask),
     )
+    patterns = [re.compile(p) for p in opt_config.get("frozen_patterns", ())]
+    if not patterns:
+        return adamw
+
+    def labels(params):
+        flat = traverse_util.flatten_dict(params, sep="/")
+        return traverse_util.unflatten_dict(
+            {k: "frozen" if any(p.search(k) for p in patterns) else "trained" for k in flat}, sep="/")
+
+    return optax.multi_transform({"trained": adamw, "frozen": optax.set_to_zero()}, labels)
