@@ -72,9 +72,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.audio_encoder = ml_collections.ConfigDict({
         "preset": "tiny" if small else "hubert_large", "hf_path": "",
         "source": "init" if small else "hf", "feature_layer": -1,
-        # The paper keeps HuBERT frozen; the demo, whose encoder starts from random weights, trains it
-        # jointly with the Q-Former in stage align (and keeps it frozen in tune).
-        "train_in_align": small,
+        # The paper keeps HuBERT frozen. The demo's random-init encoder can be trained jointly with the
+        # Q-Former in align (then taken from align by tune); measured on 2 CPU cores it costs ~4x the
+        # align step time for no gain in emotion accuracy, so the demo keeps it frozen too.
+        "train_in_align": False,
         "overrides": ml_collections.ConfigDict(
             {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
              "intermediate_size": 128, "conv_dim": (32,) * 7,
@@ -113,9 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ---- stages -------------------------------------------------------------------------------
     if small:
         c.lm = _stage(300, 32, 3e-3, 30, log_every=50, eval_every=0)
-        c.align = _stage(1200, 32, 1e-3, 100, log_every=100, eval_every=0)
-        # The demo fine-tunes its audio encoder in align with the conv feature encoder kept fixed.
-        c.align.optimizer.frozen_patterns = ("^audio_encoder/feature_extractor/",)
+        c.align = _stage(800, 32, 1e-3, 80, log_every=100, eval_every=0)
         c.tune = _stage(800, 16, 3e-3, 80, log_every=100, eval_every=0)
     else:
         c.lm = _stage(10_000, 64, 3e-4, 500, log_every=100, eval_every=2000)

@@ -171,7 +171,10 @@ class KVCache:
     """Key/value cache for incremental decoding (a pytree; every field is an array).
 
     Attributes:
-      key, value: per layer, (B, S_max, K, D) in the compute dtype; keys are stored after RoPE.
+      key, value: per layer, (B, K, S_max, D) in the compute dtype; keys are stored after RoPE. Heads
+        come before slots so that a decode step's attention reads the cache in place (with (B, S_max,
+        K, D) XLA materialised a transposed copy of every layer's cache at every step, which made a
+        decode step ~10-40% slower on CPU; see benchmarks/RESULTS.md).
       mask: (B, S_max) bool, True at filled slots holding real (non-padding) tokens.
       index: () int32, number of slots written so far (the next call writes at ``index``).
       position: (B,) int32, the RoPE position of the next real token (= real tokens seen so far).
@@ -189,7 +192,7 @@ class KVCache:
     def init(cls, config: LlamaConfig, batch: int, max_length: int, dtype: Any = None) -> "KVCache":
         """An empty cache of ``max_length`` slots (dtype: default ``config.dtype``)."""
         dtype = jnp.dtype(dtype or config.dtype)
-        shape = (batch, max_length, config.num_key_value_heads, config.head_dim)
+        shape = (batch, config.num_key_value_heads, max_length, config.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
         return cls(key=zeros, value=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
                    mask=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32),
@@ -263,10 +266,13 @@ class LlamaAttention(nn.Module):
         q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
         if kv is not None:
             cache_k, cache_v = kv
-            start = (0, index, 0, 0)
-            key = jax.lax.dynamic_update_slice(cache_k, key.astype(cache_k.dtype), start)
-            value = jax.lax.dynamic_update_slice(cache_v, value.astype(cache_v.dtype), start)
-            kv = (key, value)
+            start = (0, 0, index, 0)      # cache layout (B, K, S_max, D)
+            cache_k = jax.lax.dynamic_update_slice(
+                cache_k, key.transpose(0, 2, 1, 3).astype(cache_k.dtype), start)
+            cache_v = jax.lax.dynamic_update_slice(
+                cache_v, value.transpose(0, 2, 1, 3).astype(cache_v.dtype), start)
+            kv = (cache_k, cache_v)
+            key, value = cache_k.transpose(0, 2, 1, 3), cache_v.transpose(0, 2, 1, 3)
         out = layers.dot_product_attention(q, key.astype(q.dtype), value.astype(q.dtype), mask,
                                            scale=d ** -0.5)
         out = _dense(cfg, cfg.hidden_size, ("heads", "embed"), cfg.attention_bias, "o_proj")(

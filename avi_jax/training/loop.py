@@ -170,10 +170,12 @@ def run_stage(stage: Stage, config: Any) -> dict[str, float]:
         del params
         tx = make_optimizer(sc.optimizer, total_steps)
         repl = mesh_lib.replicated(mesh)
-        # Optimizer moments inherit their parameters' shardings (GSPMD propagation through init).
-        state = TrainState(step=jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=repl)(),
-                           params=trainable, opt_state=jax.jit(tx.init)(trainable))
-        state_shardings = jax.tree.map(lambda x: x.sharding, state)
+        trainable_shardings = {c: shardings[c] for c in stage.trainable}
+        opt_shardings = mesh_lib.optimizer_shardings(
+            jax.eval_shape(tx.init, {c: abstract[c] for c in stage.trainable}), trainable_shardings, repl)
+        state_shardings = TrainState(step=repl, params=trainable_shardings, opt_state=opt_shardings)
+        state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+                        out_shardings=state_shardings)(trainable)
         frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
 
     if jax.process_index() == 0:
