@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -183,18 +184,21 @@ def test_stereo_44k_is_downmixed_and_resampled(prepared):
     assert abs(np.sqrt(np.mean(got ** 2)) / np.sqrt(np.mean(x ** 2)) - 1.0) < 0.1   # mean of 1.6x and 0.4x (not 1.6, 2.0 or 1.41)
 
 
-def test_idempotent_strict_and_force(prepared):
+def test_idempotent_strict_and_force(prepared, tmp_path):
     root, clips, result = prepared
-    args = (root / "MEAD", root / "MEAD" / "meadtext.jsonl", root / "data", root / "EMOCA")
+    data = tmp_path / "data"            # a copy: --force below deletes the dataset, others still use it
+    shutil.copytree(root / "data", data)
+    args = (root / "MEAD", root / "MEAD" / "meadtext.jsonl", data, root / "EMOCA")
     again = mead.prepare_mead(*args, split=SPLIT)
-    assert again.reused and again.path == result.path
+    assert again.reused and os.path.relpath(again.path, data) == os.path.relpath(result.path, root / "data")
     assert sorted(r.clip_id for r in again.refusals) == sorted(REFUSED) and again.clips == result.clips
     with pytest.raises(InputError, match="--strict"):
         mead.prepare_mead(*args, split=SPLIT, strict=True)                      # reused, but refusals
     with pytest.raises(InputError, match=rf"--strict: 4 clip\(s\) of split 'train' refused:(.|\n)*{TRUNCATED}"):
         mead.prepare_mead(*args, split=SPLIT, strict=True, force=True)
-    assert not os.path.exists(result.path)                                     # force removed it; strict wrote nothing
-    assert not list((root / "data").rglob("dataset_info.json"))
+    assert not os.path.exists(again.path)                                      # force removed it; strict wrote nothing
+    assert not list(data.rglob("dataset_info.json"))
+    assert os.path.exists(result.path)                                         # the shared dataset is untouched
 
 
 def test_without_emoca_and_cli(tree, tmp_path, capsys):
