@@ -279,12 +279,7 @@ def test_wav2vec2_from_a_hugging_face_folder(tmp_path):
 def _config(data_dir, **overrides):
     config = motion_prior.get_config("tiny")
     config.data.dir = str(data_dir)
-    for key, value in overrides.items():
-        node = config
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
+    config.update_from_flattened_dict(overrides)   # keys like "align.total_steps"
     return config
 
 

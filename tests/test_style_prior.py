@@ -178,12 +178,7 @@ def motion_workdir(tmp_path_factory):
 def _style_config(motion_workdir, **overrides):
     config = style_configs.get_config("tiny")
     config.motion_workdir = motion_workdir
-    for key, value in overrides.items():
-        node = config
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
+    config.update_from_flattened_dict(overrides)   # keys like "align.total_steps"
     return config
 
 

@@ -18,12 +18,7 @@ from configs import instruct
 def _config(data_dir, **overrides):
     config = instruct.get_config("tiny")
     config.data.dir = str(data_dir)
-    for key, value in overrides.items():
-        node = config
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
+    config.update_from_flattened_dict(overrides)   # keys like "align.total_steps"
     return config
 
 
