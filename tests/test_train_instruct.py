@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 import jax
 import numpy as np
@@ -87,38 +86,6 @@ def test_infer_on_missing_workdir_is_a_clear_error(tmp_path, capsys):
     from avi_jax import infer
     assert infer.main(["--instruct-workdir", str(tmp_path), "--audio", "x.wav"]) == 2
     assert "config.json" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_sigterm_then_restart_matches_straight_run(tmp_path, data_dir, monkeypatch):
-    """3 steps + SIGTERM (checkpoint) + restart + 3 steps == 6 straight steps, loss for loss."""
-    from avi_jax.training.loop import Preempted
-
-    config = _config(data_dir, stages=("lm",))
-    config.checkpoint.every = 1000        # only the preemption checkpoint exists
-    straight = str(tmp_path / "straight")
-    train_and_evaluate(config, straight)
-
-    resumed = str(tmp_path / "resumed")
-    real_shard = mesh_lib.shard_batch
-    calls = {"n": 0}
-
-    def shard_and_kill(batch, mesh):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_shard(batch, mesh)
-
-    monkeypatch.setattr(mesh_lib, "shard_batch", shard_and_kill)
-    with pytest.raises(Preempted):
-        train_and_evaluate(config, resumed)
-    monkeypatch.setattr(mesh_lib, "shard_batch", real_shard)
-    assert _losses(resumed, "lm")[0] == [1, 2, 3]
-    assert not os.path.exists(os.path.join(resumed, "lm", "final_metrics.json"))
-    train_and_evaluate(config, resumed)
-    steps, losses = _losses(resumed, "lm")
-    assert steps == list(range(1, 7))
-    np.testing.assert_allclose(losses, _losses(straight, "lm")[1], rtol=1e-6)
 
 
 @pytest.mark.slow
