@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from avi_jax.errors import ConfigError
-from avi_jax.training import mesh as mesh_lib
 from avi_jax.training.experiment import train_and_evaluate
 from configs import instruct
 
