@@ -287,7 +287,7 @@ class AlignStage(_InstructStage):
     def evaluate(self, params, mesh):
         embed = self.cached("eval", lambda: jax.jit(lambda p, b: self.apply(
             p, b["audio"], b["audio_mask"], b["text_ids"], b["text_mask"], method=Instructor.align)[:2]))
-        audio, text, texts, losses_ = [], [], [], []
+        audio, text, texts = [], [], []
         for host, batch in self.eval_batches(mesh):
             a, t = mesh_lib.to_host(embed(params, batch))
             keep = host["valid"]
