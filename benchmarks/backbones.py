@@ -26,12 +26,14 @@ on a shared machine hit both alike); medians are reported. Ratio = JAX throughpu
 
 Caveat for shared machines: PyTorch's OpenMP workers spin-wait at barriers, so when the cores are
 oversubscribed by other processes ``--torch-threads`` > 1 can make PyTorch many times slower (we saw
-10x for ``generate`` at load average 10 on 2 cores); JAX's thread pool degrades far less. Run on an idle
-machine (the header prints the load average at start and end), or compare with ``--torch-threads 1``.
+10x for ``generate`` at load average 10 on 2 cores) while JAX's thread pool degrades far less, which
+inflates the JAX/PyTorch ratio. Run on an idle machine (the header prints the load average at start and
+end), or compare per core: ``taskset -c 0 python benchmarks/backbones.py --torch-threads 1``.
+Results and their caveats: ``benchmarks/RESULTS.md``.
 
 Usage (defaults: HuBERT-base on 10 s, a ~134M-parameter LLaMA (768 wide, 12 layers, 12 heads, SwiGLU
-2048, vocab 32000) generating 64 tokens for a batch of 4 prompts of 32 tokens; about 2-3 minutes on a
-2-core CPU)::
+2048, vocab 32000) generating 64 tokens for a batch of 4 prompts of 32 tokens; 5 repeats; about 1.5-2
+minutes on an idle 2-core CPU, much longer when PyTorch threads are starved)::
 
   python benchmarks/backbones.py
   python benchmarks/backbones.py --audio-config large --audio-seconds 30 --repeats 3
