@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from avi_jax.training.state import make_optimizer, make_schedule
+from avi_jax.training.state import make_optimizer, make_schedule, stop_frozen_gradients
 from configs import common
 
 
@@ -41,3 +41,18 @@ def test_frozen_patterns_keep_matching_parameters_fixed():
     plain = make_optimizer(common.optimizer_config(lr=1e-2, warmup_steps=0), total_steps=10)
     updates, _ = plain.update(grads, plain.init(params), params)
     assert np.all(np.asarray(optax.apply_updates(params, updates)["enc"]["conv"]["kernel"]) < 1.0)
+
+
+def test_frozen_patterns_get_no_gradient_inside_the_loss():
+    cfg = common.optimizer_config(lr=1e-2, warmup_steps=0)
+    cfg.frozen_patterns = ("^enc/conv/",)
+    params = {"enc": {"conv": {"kernel": jnp.full((2,), 2.0)}, "proj": {"kernel": jnp.full((2,), 3.0)}}}
+    loss = lambda p: jnp.sum(p["enc"]["conv"]["kernel"] * p["enc"]["proj"]["kernel"])
+    grads = jax.grad(lambda p: loss(stop_frozen_gradients(cfg, p)))(params)
+    np.testing.assert_array_equal(grads["enc"]["conv"]["kernel"], [0.0, 0.0])
+    np.testing.assert_array_equal(grads["enc"]["proj"]["kernel"], [2.0, 2.0])
+    # the frozen branch's backward is gone from the compiled program, not merely zeroed
+    hlo = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(stop_frozen_gradients(cfg, p)["enc"]["conv"]["kernel"])))
+                  ).lower(params).as_text()
+    assert "cosine" not in hlo
+    assert stop_frozen_gradients(common.optimizer_config(lr=1e-2, warmup_steps=0), params) is params

@@ -26,7 +26,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 
 from avi_jax.errors import ConfigError
 from avi_jax.training import checkpointing, mesh as mesh_lib
-from avi_jax.training.state import TrainState, make_optimizer, make_schedule
+from avi_jax.training.state import TrainState, make_optimizer, make_schedule, stop_frozen_gradients
 
 INIT = "init"   # component source: seeded random initialisation
 
@@ -198,6 +198,7 @@ def run_stage(stage: Stage, config: Any) -> dict[str, float]:
         step_rng = jax.random.fold_in(base_rng, state.step)
 
         def loss_fn(trainable):
+            trainable = stop_frozen_gradients(sc.optimizer, trainable)
             return stage.loss({**frozen, **trainable}, batch, step_rng)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -39,7 +39,8 @@ def make_optimizer(opt_config: Any, total_steps: int) -> optax.GradientTransform
     ``opt_config`` fields: lr, warmup_steps, final_lr_ratio, weight_decay, b1, b2, clip_norm, and
     optionally ``frozen_patterns``: regular expressions over '/'-joined parameter paths (e.g.
     ``audio_encoder/feature_extractor/``) whose parameters are kept fixed inside a trained component
-    (like transformers' ``freeze_feature_encoder``); their gradients are never computed.
+    (like transformers' ``freeze_feature_encoder``); the train step wraps them in
+    :func:`stop_frozen_gradients`, so their gradients are never computed.
     """
     decay_mask = lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
     adamw = optax.chain(
@@ -48,13 +49,27 @@ def make_optimizer(opt_config: Any, total_steps: int) -> optax.GradientTransform
                     b2=float(opt_config.b2), weight_decay=float(opt_config.weight_decay),
                     mask=decay_mask),
     )
-    patterns = [re.compile(p) for p in opt_config.get("frozen_patterns", ())]
-    if not patterns:
+    if not opt_config.get("frozen_patterns", ()):
         return adamw
-
-    def labels(params):
-        flat = traverse_util.flatten_dict(params, sep="/")
-        return traverse_util.unflatten_dict(
-            {k: "frozen" if any(p.search(k) for p in patterns) else "trained" for k in flat}, sep="/")
-
+    labels = lambda params: jax.tree.map(lambda f: "frozen" if f else "trained",
+                                         frozen_mask(opt_config, params))
     return optax.multi_transform({"trained": adamw, "frozen": optax.set_to_zero()}, labels)
+
+
+def frozen_mask(opt_config: Any, params: Any) -> Any:
+    """Tree of bools like ``params``: True where a '/'-joined path matches ``opt_config.frozen_patterns``."""
+    patterns = [re.compile(p) for p in opt_config.get("frozen_patterns", ())]
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return traverse_util.unflatten_dict({k: any(p.search(k) for p in patterns) for k in flat}, sep="/")
+
+
+def stop_frozen_gradients(opt_config: Any, params: Any) -> Any:
+    """``params`` with ``lax.stop_gradient`` on the ``frozen_patterns`` leaves.
+
+    Applied inside the loss, so XLA never computes those gradients (e.g. no backward pass through a
+    frozen conv feature encoder); the optimizer's ``set_to_zero`` branch then keeps them fixed.
+    """
+    if not opt_config.get("frozen_patterns", ()):
+        return params
+    return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
+                        frozen_mask(opt_config, params))
