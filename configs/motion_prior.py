@@ -23,28 +23,9 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = common.parse_arg(arg, variant="paper")
-    if arg.variant not in ("paper", "demo", "tiny"):
-        raise ValueError(f"unknown variant {arg.variant!r}; expected paper, demo or tiny")
-    small = arg.variant != "paper"
-    c = ml_collections.ConfigDict()
-    c.variant = arg.variant
-    c.family = "motion"
-    c.seed = 0
-    c.stages = ("motion",)
-    c.mesh = common.mesh_config()
-    c.logical_axis_rules = common.logical_axis_rules()
-    c.checkpoint = ml_collections.ConfigDict({"every": 1000, "keep": 3, "async_save": True})
-
-    # ---- data -------------------------------------------------------------------------------
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "demo" if small else "prepared"
-    c.data.dir = ""                       # prepared dataset folder ('' + demo: <workdir>/data)
-    c.data.train_split = "train"
-    c.data.eval_split = "test"
-    c.data.max_audio_seconds = 2.0 if small else 6.0   # crop length: F = 25 * seconds frames (<= 256)
-    c.data.demo = ml_collections.ConfigDict({"seed": 0, "num_speakers": 12, "clip_seconds": 2.0})
-    c.data.max_eval_clips = 0             # 0 = the whole eval split
+    c, arg = common.base_config(arg, "motion", ("motion",), max_audio_seconds=6.0, demo_speakers=12)
+    small = c.variant != "paper"
+    # max_audio_seconds is the crop length: F = 25 * seconds frames (<= 256)
     c.data.stats_max_clips = 0 if small else 2000   # clips for the motion mean/std (0 = all)
 
     # ---- models -------------------------------------------------------------------------------
@@ -53,7 +34,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "preset": "tiny" if small else "wav2vec2_base", "hf_path": "",
         "source": "init" if small else "hf",
         "feature_layer": -1,
-        "normalize": not small,           # wav2vec2-base-960h's feature extractor normalises each clip
         "finetune": False,                # True: Wav2Vec2 is trained too
         "overrides": ml_collections.ConfigDict(
             {"model_type": "wav2vec2", "hidden_size": 64, "num_hidden_layers": 2,

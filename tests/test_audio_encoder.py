@@ -15,10 +15,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from avi_jax.checkpoints.audio_encoder import (  # noqa: E402
-    abstract_params, audio_encoder_table, detect_layout, load_audio_encoder)
+    PREPROCESSOR_CONFIG, abstract_params, audio_config, audio_encoder_table, detect_layout, load_audio_encoder)
 from avi_jax.errors import CheckpointError, ConfigError, InputError  # noqa: E402
 from avi_jax.models.audio_encoder import (  # noqa: E402
-    AudioEncoder, AudioEncoderConfig, feature_lengths, receptive_field)
+    AudioEncoder, AudioEncoderConfig, feature_lengths, normalize_waveform, receptive_field)
 
 # Short conv stack (20x downsampling) keeps the parity tests fast; the real-audio test uses real strides.
 SHORT = dict(conv_dim=(16, 16, 16), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2))
@@ -53,6 +53,12 @@ def _torch_model(cfg: AudioEncoderConfig, seed: int = 0, cls=None):
     model = (cls or model_cls)(config_cls(**cfg.to_hf())).eval()
     _perturb(model, seed)
     return model
+
+
+def _save_feature_extractor(folder, do_normalize: bool) -> None:
+    """The checkpoint's preprocessor_config.json, as a hub folder carries it."""
+    transformers.Wav2Vec2FeatureExtractor(do_normalize=do_normalize, return_attention_mask=True
+                                          ).save_pretrained(folder)
 
 
 def rel_err(a, b) -> float:
@@ -102,6 +108,7 @@ def test_parity_safetensors(case, tmp_path):
     cfg = AudioEncoderConfig.tiny(**SHORT, **PARITY_CASES[case])
     model = _torch_model(cfg)
     model.save_pretrained(tmp_path)
+    _save_feature_extractor(tmp_path, do_normalize=False)
     assert (tmp_path / "model.safetensors").exists()
     loaded_cfg, params = load_audio_encoder(str(tmp_path))
     assert loaded_cfg == cfg
@@ -135,6 +142,7 @@ def _save_bin(state_dict: dict, config: dict, folder) -> None:
     torch.save(state_dict, os.path.join(folder, "pytorch_model.bin"))
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)
+    _save_feature_extractor(folder, do_normalize=False)
 
 
 def test_parity_pytorch_bin_head_prefix(tmp_path):
@@ -176,6 +184,35 @@ def test_parity_pytorch_bin_legacy_weight_norm(tmp_path):
     assert max(_compare_all(ours, theirs)) <= 1e-4
 
 
+def test_do_normalize_matches_the_feature_extractor(tmp_path):
+    """do_normalize (preprocessor_config.json): raw padded waveforms in, the same frames out as
+    transformers' Wav2Vec2FeatureExtractor followed by the PyTorch model."""
+    cfg = AudioEncoderConfig.tiny(**SHORT, feat_extract_norm="layer", conv_bias=True, do_stable_layer_norm=True)
+    model = _torch_model(cfg, seed=5)
+    model.save_pretrained(tmp_path)
+    _save_feature_extractor(tmp_path, do_normalize=True)
+    loaded, params = load_audio_encoder(str(tmp_path))
+    assert loaded == AudioEncoderConfig.tiny(**SHORT, feat_extract_norm="layer", conv_bias=True,
+                                             do_stable_layer_norm=True, do_normalize=True)
+    rng = np.random.RandomState(5)
+    waves = [0.3 * rng.randn(3000).astype(np.float32) + 0.05, 0.02 * rng.randn(2100).astype(np.float32)]
+    fe = transformers.Wav2Vec2FeatureExtractor.from_pretrained(str(tmp_path))
+    inputs = fe(waves, sampling_rate=16000, padding=True, return_attention_mask=True, return_tensors="np")
+    raw = np.zeros((2, 3000), np.float32)
+    raw[0], raw[1, :2100] = waves
+    mask = inputs.attention_mask
+    assert rel_err(normalize_waveform(jnp.asarray(raw), jnp.asarray(mask)), inputs.input_values) <= 1e-5
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(inputs.input_values), attention_mask=torch.from_numpy(mask),
+                       output_hidden_states=True)
+    ours = encode(loaded, params, jnp.asarray(raw), jnp.asarray(mask))
+    assert max(_compare_all(ours, theirs, np.asarray(ours.feature_mask))) <= 1e-4
+    # Without preprocessor_config.json: Wav2Vec2FeatureExtractor's default (do_normalize=True).
+    os.remove(tmp_path / PREPROCESSOR_CONFIG)
+    assert audio_config(str(tmp_path)).do_normalize
+    assert not AudioEncoderConfig.from_hf(model.config.to_dict()).do_normalize
+
+
 def test_hubert_large_param_count():
     """eval_shape of hubert_large() == transformers HubertModel (meta device) minus masked_spec_embed."""
     cfg = AudioEncoderConfig.hubert_large()
@@ -196,15 +233,17 @@ def test_real_audio_smoke(shared_fixtures, tmp_path):
     sf = pytest.importorskip("soundfile")
     wav, sr = sf.read(str(shared_fixtures / "speech" / "feifeili_clip3.wav"), dtype="float32")
     assert sr == 16000 and wav.ndim == 1
-    wav = (wav - wav.mean()) / (wav.std() + 1e-7)      # Wav2Vec2FeatureExtractor(do_normalize=True)
     cfg = AudioEncoderConfig.tiny()                    # real strides: 320 samples per frame
     model = _torch_model(cfg, seed=3)
     model.save_pretrained(tmp_path)
-    _, params = load_audio_encoder(str(tmp_path))
+    _save_feature_extractor(tmp_path, do_normalize=True)
+    cfg, params = load_audio_encoder(str(tmp_path))
+    assert cfg.do_normalize
     x = wav[None]
+    fe = transformers.Wav2Vec2FeatureExtractor.from_pretrained(str(tmp_path))
     with torch.no_grad():
-        theirs = model(torch.from_numpy(x)).last_hidden_state.numpy()
-    ours = jax.jit(AudioEncoder(cfg).apply)({"params": params}, jnp.asarray(x))
+        theirs = model(fe(wav, sampling_rate=16000, return_tensors="pt").input_values).last_hidden_state.numpy()
+    ours = jax.jit(AudioEncoder(cfg).apply)({"params": params}, jnp.asarray(x))   # raw waveform in
     t = feature_lengths(cfg, wav.shape[0])
     assert ours.last_hidden_state.shape == theirs.shape == (1, t, cfg.hidden_size)
     assert abs(t - wav.shape[0] / 16000 * 50) <= 1          # 50 Hz: 2 frames per 25 fps video frame
@@ -247,6 +286,7 @@ def test_logical_axes_and_sharded_load(tmp_path):
 
     model = _torch_model(cfg, seed=4)
     model.save_pretrained(tmp_path)
+    _save_feature_extractor(tmp_path, do_normalize=False)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(1, 4, 2), ("data", "fsdp", "tensor"))
     specs = nn.get_partition_spec(boxed)["params"]
     shardings = nn.logical_to_mesh_sharding(specs, mesh, logical_axis_rules())

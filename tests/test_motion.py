@@ -2,6 +2,7 @@
 computations, the tiny run end to end (with and without FLAME), the paper-scale model built abstractly."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -19,6 +20,7 @@ from avi_jax.models.motion import MOTION_DIM, MotionConfig, MotionPrior, StyleEn
 from avi_jax.training import common, motion as M
 from avi_jax.training.experiment import train_and_evaluate
 from configs import motion_prior
+from helpers import tiny_config
 
 B, N = 2, 640 * 12 + 100        # 12 whole frames (+ a partial one that is dropped)
 F = N // 640
@@ -260,11 +262,12 @@ def test_wav2vec2_from_a_hugging_face_folder(tmp_path):
     transformers = pytest.importorskip("transformers")
     tiny_audio = M.motion_model_config(motion_prior.get_config("tiny")).audio
     transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(**tiny_audio.to_hf())).save_pretrained(tmp_path)
+    transformers.Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(tmp_path)
     config = motion_prior.get_config("tiny")
     config.model.audio_encoder.source = "hf"
     config.model.audio_encoder.hf_path = str(tmp_path)
     setup = M.MotionSetup(config, str(tmp_path / "work"), data=False)
-    assert setup.model_config.audio == tiny_audio
+    assert setup.model_config.audio == dataclasses.replace(tiny_audio, do_normalize=True)
     assert setup.source_of("audio_encoder") == "hf" and setup.source_of("generator") == "init"
     abstract = setup.abstract_params(640 * 4)["audio_encoder"]
     loaded = setup.load("audio_encoder", "hf", abstract, None)
@@ -277,10 +280,7 @@ def test_wav2vec2_from_a_hugging_face_folder(tmp_path):
 # ------------------------------------------------------------------------------ end to end (tiny)
 
 def _config(data_dir, **overrides):
-    config = motion_prior.get_config("tiny")
-    config.data.dir = str(data_dir)
-    config.update_from_flattened_dict(overrides)   # keys like "align.total_steps"
-    return config
+    return tiny_config(motion_prior, **{"data.dir": str(data_dir), **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ legacy ``weight_g`` / ``weight_v``). Head weights (``lm_head``, ``projector``, q
 """
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any, Iterable
 
 import jax
@@ -19,7 +21,7 @@ from flax.core import meta
 
 from avi_jax.checkpoints import convert
 from avi_jax.checkpoints.convert import Row
-from avi_jax.checkpoints.hf_folder import HFCheckpoint
+from avi_jax.checkpoints.hf_folder import HFCheckpoint, read_config
 from avi_jax.errors import CheckpointError, ConfigError
 from avi_jax.models.audio_encoder import AudioEncoder, AudioEncoderConfig, receptive_field
 
@@ -29,6 +31,7 @@ WEIGHT_NORM_KEYS = {
 }
 
 
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 _ATTENTION = (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"), ("out", "out_proj"))
 
 
@@ -115,12 +118,34 @@ def abstract_params(config: AudioEncoderConfig) -> Any:
     return meta.unbox(variables["params"])
 
 
+def audio_config(folder: str) -> AudioEncoderConfig:
+    """``AudioEncoderConfig`` of a local HF HuBERT / Wav2Vec2 folder: ``config.json`` plus the feature
+    extractor's ``do_normalize`` from ``preprocessor_config.json``.
+
+    A folder without ``preprocessor_config.json`` gets ``Wav2Vec2FeatureExtractor``'s default
+    (``do_normalize=True``) and a warning. Raises ``CheckpointError`` (missing/malformed files) or
+    ``ConfigError`` (unsupported options), naming the file.
+    """
+    try:
+        config = read_config(folder)
+        if os.path.isfile(os.path.join(folder, PREPROCESSOR_CONFIG)):
+            preprocessor = read_config(folder, PREPROCESSOR_CONFIG)
+        else:
+            logging.warning("%s: no %s; normalising waveforms as Wav2Vec2FeatureExtractor does by "
+                            "default (do_normalize=True)", folder, PREPROCESSOR_CONFIG)
+            preprocessor = {"do_normalize": True}
+        return AudioEncoderConfig.from_hf(config, preprocessor)
+    except ConfigError as e:
+        raise ConfigError(f"{folder}/config.json: {e}") from e
+
+
 def load_audio_encoder(folder: str, *, shardings: Any | None = None,
                        dtype: Any = np.float32) -> tuple[AudioEncoderConfig, dict]:
     """Load a local Hugging Face HuBERT / Wav2Vec2 folder into ``AudioEncoder`` params.
 
     Args:
-      folder: holds ``config.json`` (model_type 'hubert' or 'wav2vec2') and ``model.safetensors``
+      folder: holds ``config.json`` (model_type 'hubert' or 'wav2vec2'), optionally
+        ``preprocessor_config.json`` (see :func:`audio_config`), and ``model.safetensors``
         (optionally sharded) or ``pytorch_model.bin`` (read without torch, see ``torch_bin``).
       shardings: optional tree of ``jax.sharding.Sharding`` matching the params; each tensor is placed
         on its sharding as it is converted.
@@ -134,10 +159,7 @@ def load_audio_encoder(folder: str, *, shardings: Any | None = None,
       ConfigError: unsupported model type or options in ``config.json``.
     """
     ckpt = HFCheckpoint(folder)
-    try:
-        config = AudioEncoderConfig.from_hf(ckpt.config)
-    except ConfigError as e:
-        raise ConfigError(f"{folder}/config.json: {e}") from e
+    config = audio_config(folder)
     prefix, weight_norm = detect_layout(ckpt.keys(), source=folder)
     table = audio_encoder_table(config, prefix=prefix, weight_norm=weight_norm)
     params = convert.build_params(ckpt, table, abstract=abstract_params(config), shardings=shardings,

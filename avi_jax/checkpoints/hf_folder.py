@@ -21,13 +21,14 @@ _BIN_SINGLE = "pytorch_model.bin"
 _BIN_INDEX = "pytorch_model.bin.index.json"
 
 
-def read_config(folder: str) -> dict:
-    """Return the parsed ``config.json`` of ``folder``; ``CheckpointError`` if missing or malformed."""
-    path = os.path.join(folder, "config.json")
+def read_config(folder: str, filename: str = "config.json") -> dict:
+    """Return the parsed ``filename`` (a JSON file, default ``config.json``) of ``folder``;
+    ``CheckpointError`` if missing or malformed."""
+    path = os.path.join(folder, filename)
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: pretrained model folder does not exist")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: missing; a Hugging Face model folder needs config.json")
+        raise CheckpointError(f"{path}: missing; a Hugging Face model folder needs {filename}")
     try:
         with open(path) as f:
             return json.load(f)

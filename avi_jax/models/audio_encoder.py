@@ -66,6 +66,10 @@ class AudioEncoderConfig:
       feat_proj_layer_norm: LayerNorm on the conv features before the projection.
       hidden_dropout, activation_dropout, attention_dropout, feat_proj_dropout: dropout rates, used only
         when the module is called with ``deterministic=False`` (``attention_dropout`` is not applied).
+      do_normalize: normalise each waveform to zero mean / unit variance over its real samples before
+        the conv encoder, as the checkpoint's ``Wav2Vec2FeatureExtractor`` does (``do_normalize`` of
+        ``preprocessor_config.json``; True for hubert-large-ll60k and wav2vec2-base-960h). Not a field
+        of the HF model config: :func:`avi_jax.checkpoints.audio_encoder.audio_config` reads it.
     """
     model_type: str = "hubert"
     hidden_size: int = 768
@@ -88,6 +92,7 @@ class AudioEncoderConfig:
     activation_dropout: float = 0.1
     attention_dropout: float = 0.1
     feat_proj_dropout: float = 0.0
+    do_normalize: bool = False
 
     def __post_init__(self):
         for name in ("conv_dim", "conv_kernel", "conv_stride"):
@@ -122,8 +127,9 @@ class AudioEncoderConfig:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_hf(cls, cfg: dict) -> AudioEncoderConfig:
-        """Build from a Hugging Face ``HubertConfig`` / ``Wav2Vec2Config`` dict (``config.json``).
+    def from_hf(cls, cfg: dict, preprocessor: dict | None = None) -> AudioEncoderConfig:
+        """Build from a Hugging Face ``HubertConfig`` / ``Wav2Vec2Config`` dict (``config.json``) and
+        optionally its feature extractor's dict (``preprocessor_config.json``, for ``do_normalize``).
 
         Missing fields take the transformers defaults. Raises ``ConfigError`` for another
         ``model_type`` or for features this implementation does not have (adapters, batch-norm
@@ -141,9 +147,10 @@ class AudioEncoderConfig:
         default = cls()
         kwargs = {}
         for field in dataclasses.fields(cls):
-            if field.name == "model_type":
+            if field.name in ("model_type", "do_normalize"):
                 continue
             kwargs[field.name] = cfg.get(field.name, getattr(default, field.name))
+        kwargs["do_normalize"] = bool((preprocessor or {}).get("do_normalize", False))
         if model_type == "wav2vec2":
             kwargs["feat_proj_layer_norm"] = True
         n = cfg.get("num_feat_extract_layers")
@@ -158,6 +165,7 @@ class AudioEncoderConfig:
         d["conv_dim"], d["conv_kernel"], d["conv_stride"] = (
             list(self.conv_dim), list(self.conv_kernel), list(self.conv_stride))
         d["num_feat_extract_layers"] = len(self.conv_dim)
+        del d["do_normalize"]        # a feature-extractor setting, not a model-config field
         if self.model_type == "wav2vec2":
             del d["feat_proj_layer_norm"]
         return d
@@ -205,6 +213,25 @@ def feature_lengths(config: AudioEncoderConfig, num_samples: Any) -> Any:
     if isinstance(length, np.ndarray):
         return np.maximum(length, 0)
     return jnp.maximum(length, 0)
+
+
+def normalize_waveform(input_values: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    """Zero-mean, unit-variance waveforms over their real samples; padded samples set to 0.
+
+    ``(x - mean) / sqrt(var + 1e-7)`` per row (population variance over the first ``sum(mask)``
+    samples), as transformers ``Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm``.
+
+    Args:
+      input_values: (B, N) float waveforms.   attention_mask: optional (B, N), 1 at real samples.
+    Returns:
+      (B, N) float32.
+    """
+    x = input_values.astype(jnp.float32)
+    m = (jnp.ones_like(x) if attention_mask is None else attention_mask.astype(jnp.float32))
+    n = jnp.maximum(jnp.sum(m, axis=-1, keepdims=True), 1.0)
+    mean = jnp.sum(x * m, axis=-1, keepdims=True) / n
+    var = jnp.sum(jnp.square(x - mean) * m, axis=-1, keepdims=True) / n
+    return (x - mean) * jax.lax.rsqrt(var + 1e-7) * m
 
 
 def receptive_field(config: AudioEncoderConfig) -> int:
@@ -437,8 +464,8 @@ class AudioEncoder(nn.Module):
         """Encode a batch of waveforms.
 
         Args:
-          input_values: (B, N) float, 16 kHz mono samples (normalised as the checkpoint's feature
-            extractor expects: zero mean / unit variance for most checkpoints).
+          input_values: (B, N) float, 16 kHz mono samples in [-1, 1]; with ``config.do_normalize`` they
+            are normalised here (:func:`normalize_waveform`), as the checkpoint's feature extractor does.
           attention_mask: optional (B, N) bool or int, 1 at real samples; right padding assumed (only
             the per-row count of real samples is used, as in HF). When given, padded frames are zeroed
             before the positional conv and masked as attention keys, as in HF. With
@@ -466,6 +493,8 @@ class AudioEncoder(nn.Module):
         if attention_mask is not None and attention_mask.shape != input_values.shape:
             raise InputError(f"attention_mask shape {attention_mask.shape} differs from input_values "
                              f"shape {input_values.shape}")
+        if cfg.do_normalize:
+            input_values = normalize_waveform(input_values, attention_mask)
         features = FeatureEncoder(cfg, dtype=self.dtype, name="feature_extractor")(input_values)
         b, t = features.shape[:2]
         if attention_mask is not None:

@@ -52,8 +52,6 @@ class MotionConfig:
       audio: the Wav2Vec2 (or HuBERT) config; its features are 50 Hz (2 per 25 fps frame).
       feature_layer: which audio hidden state feeds the content encoder (-1 = last; k = output of layer k,
         0 = the transformer input).
-      normalize_audio: zero-mean / unit-variance per clip over the real samples before the audio encoder
-        (what ``Wav2Vec2FeatureExtractor(do_normalize=True)`` does for wav2vec2-base-960h).
       motion_dim: 53 (50 expression + 3 jaw).
       content_dim, content_conv_layers, content_kernel: content encoder width, number of residual
         temporal conv blocks and their kernel size (frames).
@@ -65,7 +63,6 @@ class MotionConfig:
     """
     audio: AudioEncoderConfig
     feature_layer: int = -1
-    normalize_audio: bool = False
     motion_dim: int = MOTION_DIM
     content_dim: int = 256
     content_conv_layers: int = 2
@@ -286,14 +283,11 @@ class MotionPrior(nn.Module):
         self.normalizer = Normalizer(cfg.motion_dim)
 
     def audio_features(self, audio: jax.Array, audio_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(B, N) float32 16 kHz waveform + (B, N) bool -> features (B, T, H) at 50 Hz, mask (B, T)."""
-        audio_mask = audio_mask.astype(bool)
-        if self.config.normalize_audio:
-            n = jnp.maximum(jnp.sum(audio_mask, axis=-1, keepdims=True), 1)
-            mean = jnp.sum(jnp.where(audio_mask, audio, 0.0), -1, keepdims=True) / n
-            var = jnp.sum(jnp.where(audio_mask, jnp.square(audio - mean), 0.0), -1, keepdims=True) / n
-            audio = jnp.where(audio_mask, (audio - mean) * jax.lax.rsqrt(var + 1e-7), 0.0)
-        out = self.audio_encoder(audio, audio_mask, deterministic=True,
+        """(B, N) float32 16 kHz waveform + (B, N) bool -> features (B, T, H) at 50 Hz, mask (B, T).
+
+        Each clip is normalised first when ``config.audio.do_normalize`` (the checkpoint's feature extractor).
+        """
+        out = self.audio_encoder(audio, audio_mask.astype(bool), deterministic=True,
                                  output_hidden_states=self.config.feature_layer != -1)
         feats = out.last_hidden_state if self.config.feature_layer == -1 else \
             out.hidden_states[self.config.feature_layer]

@@ -26,6 +26,7 @@ from avi_jax.models.generate import generate
 from avi_jax.models.instructor import Instructor, InstructorConfig
 from avi_jax.training import checkpointing, common, losses, mesh as mesh_lib
 from avi_jax.training.loop import INIT, Stage, device_batch
+from avi_jax.checkpoints.audio_encoder import audio_config
 from avi_jax.checkpoints.hf_folder import read_config
 
 _MISSING = {
@@ -65,8 +66,7 @@ def instructor_config(config: Any, tokenizers: dict[str, Any]) -> InstructorConf
     (+ overrides, vocabulary from the tokenizer) otherwise."""
     m = config.model
     if m.audio_encoder.source == "hf":
-        audio = audio_lib.AudioEncoderConfig.from_hf(
-            read_config(_require_path(m.audio_encoder.hf_path, "model.audio_encoder.hf_path")))
+        audio = audio_config(_require_path(m.audio_encoder.hf_path, "model.audio_encoder.hf_path"))
     else:
         audio = common.preset(audio_lib.AudioEncoderConfig, m.audio_encoder)
     qformer = common.preset(qformer_lib.QFormerConfig, m.qformer)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from avi_jax.checkpoints.hf_folder import read_config
+from avi_jax.checkpoints.audio_encoder import audio_config
 from avi_jax.data import builder, schema
 from avi_jax.errors import ConfigError
 from avi_jax.models import audio_encoder as audio_lib
@@ -183,13 +183,12 @@ def motion_model_config(config: Any) -> MotionConfig:
     'hf') or a preset (+ overrides), the rest from ``config.model.motion`` (preset + overrides)."""
     m = config.model
     if m.audio_encoder.source == "hf":
-        audio = audio_lib.AudioEncoderConfig.from_hf(read_config(
-            common.require_path(m.audio_encoder.hf_path, "model.audio_encoder.hf_path", _HF_AUDIO)))
+        audio = audio_config(common.require_path(m.audio_encoder.hf_path, "model.audio_encoder.hf_path",
+                                                 _HF_AUDIO))
     else:
         audio = common.preset(audio_lib.AudioEncoderConfig, m.audio_encoder)
     return common.preset(MotionConfig, m.motion, audio=audio,
-                         feature_layer=int(m.audio_encoder.feature_layer),
-                         normalize_audio=bool(m.audio_encoder.normalize))
+                         feature_layer=int(m.audio_encoder.feature_layer))
 
 
 def motion_statistics(source: Any, max_clips: int = 0) -> tuple[np.ndarray, np.ndarray]:
