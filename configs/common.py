@@ -38,6 +38,42 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     return out
 
 
+VARIANTS = ("paper", "demo", "tiny")
+
+
+def base_config(arg: str | None, family: str, stages: tuple[str, ...], *, max_audio_seconds: float,
+                demo_speakers: int, **arg_defaults) -> tuple[ml_collections.ConfigDict,
+                                                            ml_collections.ConfigDict]:
+    """The fields every config shares, and the parsed ``arg`` (``variant`` + ``arg_defaults``).
+
+    Sets ``variant`` (paper | demo | tiny), ``family``, ``seed``, ``stages``, ``mesh``,
+    ``logical_axis_rules``, ``checkpoint`` and the ``data`` block (the demo corpus for demo/tiny, a
+    prepared dataset for paper; ``max_audio_seconds`` is the paper value, 2 s for the demo).
+    Raises ``ValueError`` for an unknown variant.
+    """
+    arg = parse_arg(arg, variant="paper", **arg_defaults)
+    if arg.variant not in VARIANTS:
+        raise ValueError(f"unknown variant {arg.variant!r}; expected one of {', '.join(VARIANTS)}")
+    small = arg.variant != "paper"
+    c = ml_collections.ConfigDict()
+    c.variant = arg.variant
+    c.family = family
+    c.seed = 0
+    c.stages = stages
+    c.mesh = mesh_config()
+    c.logical_axis_rules = logical_axis_rules()
+    c.checkpoint = ml_collections.ConfigDict({"every": 1000, "keep": 3, "async_save": True})
+    c.data = ml_collections.ConfigDict({
+        "source": "demo" if small else "prepared",   # 'demo' builds the demo corpus itself
+        "dir": "",                 # prepared dataset folder ('' + demo: under the workdir)
+        "train_split": "train", "eval_split": "test",
+        "max_audio_seconds": 2.0 if small else max_audio_seconds,
+        "demo": {"seed": 0, "num_speakers": demo_speakers, "clip_seconds": 2.0},
+        "max_eval_clips": 0,       # 0 = the whole eval split
+    })
+    return c, arg
+
+
 def logical_axis_rules() -> tuple[tuple[str, object], ...]:
     """Logical axis name -> mesh axes ('data', 'fsdp', 'tensor').
 

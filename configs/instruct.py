@@ -33,34 +33,17 @@ def _stage(total_steps: int, batch_size: int, lr: float, warmup: int, *, log_eve
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = common.parse_arg(arg, variant="paper", stage="")
-    if arg.variant not in ("paper", "demo", "tiny"):
-        raise ValueError(f"unknown variant {arg.variant!r}; expected paper, demo or tiny")
-    small = arg.variant != "paper"
-    c = ml_collections.ConfigDict()
-    c.variant = arg.variant
-    c.family = "instruct"
-    c.seed = 0
-    c.stages = ("lm", "align", "tune") if small else ("align", "tune")
-    if arg.stage:
-        c.stages = (arg.stage,)
-    c.mesh = common.mesh_config()
-    c.logical_axis_rules = common.logical_axis_rules()
-    c.checkpoint = ml_collections.ConfigDict({"every": 1000, "keep": 3, "async_save": True})
-
-    # ---- data -------------------------------------------------------------------------------
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "demo" if small else "prepared"   # 'demo' builds the demo corpus itself
-    c.data.dir = ""            # prepared dataset folder ('' + demo: <workdir>/data)
-    c.data.train_split = "train"
-    c.data.eval_split = "test"
-    c.data.max_audio_seconds = 2.0 if small else 6.0
-    c.data.max_text_tokens = 40 if small else 64
-    c.data.max_instruction_tokens = 32 if small else 64
     # 24 speakers (21 train, 1 validation, 2 held-out test): fewer train speakers let the small
     # from-scratch encoders memorise speakers instead of learning emotion.
-    c.data.demo = ml_collections.ConfigDict({"seed": 0, "num_speakers": 24, "clip_seconds": 2.0})
-    c.data.max_eval_clips = 0  # 0 = the whole eval split
+    c, arg = common.base_config(arg, "instruct", ("align", "tune"), max_audio_seconds=6.0,
+                                demo_speakers=24, stage="")
+    small = c.variant != "paper"
+    if small:
+        c.stages = ("lm", "align", "tune")
+    if arg.stage:
+        c.stages = (arg.stage,)
+    c.data.max_text_tokens = 40 if small else 64
+    c.data.max_instruction_tokens = 32 if small else 64
 
     # ---- tokenizers ---------------------------------------------------------------------------
     # paper: the LLM's and the text encoder's own tokenizers (from their HF folders, or set paths here);

@@ -29,31 +29,12 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = common.parse_arg(arg, variant="paper")
-    if arg.variant not in ("paper", "demo", "tiny"):
-        raise ValueError(f"unknown variant {arg.variant!r}; expected paper, demo or tiny")
-    small = arg.variant != "paper"
-    c = ml_collections.ConfigDict()
-    c.variant = arg.variant
-    c.family = "style"
-    c.seed = 0
-    c.stages = ("style",)
+    c, arg = common.base_config(arg, "style", ("style",), max_audio_seconds=6.0, demo_speakers=12)
+    small = c.variant != "paper"
     c.motion_workdir = ""                 # a finished motion run (required)
-    c.mesh = common.mesh_config()
-    c.logical_axis_rules = common.logical_axis_rules()
-    c.checkpoint = ml_collections.ConfigDict({"every": 1000, "keep": 3, "async_save": True})
-
-    # ---- data -------------------------------------------------------------------------------
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "demo" if small else "prepared"
-    c.data.dir = ""            # prepared dataset ('' + demo: <motion_workdir>/data, shared with the motion run)
-    c.data.train_split = "train"
-    c.data.eval_split = "test"
-    c.data.max_audio_seconds = 2.0 if small else 6.0   # clip crop; its F = 25 * seconds frames are the
-    #                                                    style reference (<= the style encoder's 256)
+    # data.dir '' + demo: <motion_workdir>/data, shared with the motion run. max_audio_seconds is the
+    # clip crop; its F = 25 * seconds frames are the style reference (<= the style encoder's 256).
     c.data.max_text_tokens = 40 if small else 77
-    c.data.demo = ml_collections.ConfigDict({"seed": 0, "num_speakers": 12, "clip_seconds": 2.0})
-    c.data.max_eval_clips = 0             # 0 = the whole eval split
     c.data.stats_max_clips = 0 if small else 4000   # clips for the style-space mean/scale (0 = all)
 
     # ---- tokenizer (paper: the text encoder's own; demo: a word tokenizer trained on the texts) ---
