@@ -12,6 +12,7 @@ from avi_jax.training import mesh as mesh_lib
 from avi_jax.training.experiment import train_and_evaluate
 from avi_jax.training.loop import Preempted
 from configs import instruct, motion_prior
+from helpers import tiny_config
 
 
 def _losses(workdir, stage):
@@ -21,16 +22,12 @@ def _losses(workdir, stage):
 
 
 def _instruct_lm(data_dir):
-    config = instruct.get_config("tiny")
-    config.update_from_flattened_dict({"data.dir": str(data_dir), "stages": ("lm",)})
-    return config, "lm"
+    return tiny_config(instruct, **{"data.dir": str(data_dir), "stages": ("lm",)}), "lm"
 
 
 def _motion(data_dir):
-    config = motion_prior.get_config("tiny")
-    config.update_from_flattened_dict({"data.dir": str(data_dir), "motion.total_steps": 6,
-                                       "motion.log_every": 1, "motion.eval_every": 0})
-    return config, "motion"
+    return tiny_config(motion_prior, **{"data.dir": str(data_dir), "motion.total_steps": 6,
+                                        "motion.log_every": 1, "motion.eval_every": 0}), "motion"
 
 
 @pytest.mark.slow

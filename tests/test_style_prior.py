@@ -15,6 +15,7 @@ from avi_jax.metrics.diversity import diversity, pairwise_mean_distance
 from avi_jax.models import diffusion
 from avi_jax.models import style_prior as sp
 from configs import style_prior as style_configs
+from helpers import tiny_config
 
 
 def _init(cfg, b=3, key=0):
@@ -176,10 +177,7 @@ def motion_workdir(tmp_path_factory):
 
 
 def _style_config(motion_workdir, **overrides):
-    config = style_configs.get_config("tiny")
-    config.motion_workdir = motion_workdir
-    config.update_from_flattened_dict(overrides)   # keys like "align.total_steps"
-    return config
+    return tiny_config(style_configs, motion_workdir=motion_workdir, **overrides)
 
 
 @pytest.fixture(scope="module")

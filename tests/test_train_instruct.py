@@ -11,13 +11,11 @@ import pytest
 from avi_jax.errors import ConfigError
 from avi_jax.training.experiment import train_and_evaluate
 from configs import instruct
+from helpers import tiny_config
 
 
 def _config(data_dir, **overrides):
-    config = instruct.get_config("tiny")
-    config.data.dir = str(data_dir)
-    config.update_from_flattened_dict(overrides)   # keys like "align.total_steps"
-    return config
+    return tiny_config(instruct, **{"data.dir": str(data_dir), **overrides})
 
 
 @pytest.fixture(scope="module")
