@@ -31,7 +31,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from avi_jax.data import schema
+from avi_jax.data import emoca, schema
+from avi_jax.data.audio import load_audio
 from avi_jax.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -228,6 +229,27 @@ def validate_record(rec: Mapping[str, Any]) -> dict:
         "global_pose": gpose.astype(np.float32),
         "shape": (np.zeros(schema.N_SHAPE, np.float32) if shape is None else shape).astype(np.float32),
     }
+
+
+def clip_record(clip_id: str, audio_path: str, fields: Mapping[str, Any], emoca_folder: str | None = None,
+                options: emoca.CoefficientOptions = emoca.CoefficientOptions()) -> dict | Refusal:
+    """One clip of a corpus (MEAD, RAVDESS) -> a validated record, or a Refusal naming the bad file.
+
+    Reads ``audio_path`` (any format/rate, -> 16 kHz mono), adds ``fields`` (speaker, emotion, intensity,
+    instructions) and, from ``emoca_folder`` when given, the clip's FLAME coefficients aligned to the audio
+    (:func:`emoca.load_emoca_clip` with ``options``).
+    """
+    try:
+        audio = load_audio(audio_path)
+        rec: dict[str, Any] = {"clip_id": clip_id, "audio": audio, **fields}
+        if emoca_folder is not None:
+            coeff = emoca.load_emoca_clip(emoca_folder, audio.shape[0], model_name=options.model_name,
+                                          fps=options.fps, max_missing=options.max_missing,
+                                          frame_tolerance=options.frame_tolerance, smooth=options.smooth_pose)
+            rec.update(coeff.as_record_fields())
+        return validate_record(rec)
+    except InputError as e:
+        return Refusal(clip_id, str(e))
 
 
 class ClipDataset(tfds.core.GeneratorBasedBuilder):

@@ -277,6 +277,17 @@ def smooth_pose(pose: np.ndarray, *, fps: float = schema.FPS, cutoff_hz: float =
     return signal.filtfilt(b, a, pose.astype(np.float64), axis=0, padlen=padlen).astype(np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class CoefficientOptions:
+    """How EMOCA output is read: model folder name (None = the only one), video frame rate, smoothing of
+    the head rotation, the missing-frame and trailing-frame tolerances (see :func:`load_emoca_clip`)."""
+    model_name: str | None = None
+    fps: float = schema.FPS
+    smooth_pose: bool = True
+    max_missing: float = MAX_MISSING_FRACTION
+    frame_tolerance: int = FRAME_TOLERANCE
+
+
 def load_emoca_clip(clip_folder: str | os.PathLike, num_samples: int, *, model_name: str | None = None,
                     fps: float = schema.FPS, max_missing: float = MAX_MISSING_FRACTION,
                     frame_tolerance: int = FRAME_TOLERANCE, smooth: bool = False, clip: str = "") -> EmocaClip:

@@ -40,8 +40,8 @@ import os
 import re
 from typing import Any, Mapping, Sequence
 
-from avi_jax.data import builder, emoca, schema
-from avi_jax.data.audio import load_audio
+from avi_jax.data import builder, schema
+from avi_jax.data.emoca import CoefficientOptions
 from avi_jax.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -249,17 +249,6 @@ def emoca_folder(emoca_root: str, clip: MeadClip) -> str | None:
     return None
 
 
-@dataclasses.dataclass(frozen=True)
-class CoefficientOptions:
-    """How EMOCA output is read (see :mod:`avi_jax.data.emoca`): model folder name (None = the only one),
-    video frame rate, smoothing of the head rotation, the missing-frame and trailing-frame tolerances."""
-    model_name: str | None = None
-    fps: float = schema.FPS
-    smooth_pose: bool = True
-    max_missing: float = emoca.MAX_MISSING_FRACTION
-    frame_tolerance: int = emoca.FRAME_TOLERANCE
-
-
 def make_record(clip: MeadClip, labels: Mapping[str, list[str]], labels_path: str, emoca_root: str | None,
                 options: CoefficientOptions = CoefficientOptions()) -> dict | builder.Refusal:
     """One clip -> a validated record (:func:`builder.validate_record`) or a Refusal naming the file."""
@@ -267,24 +256,14 @@ def make_record(clip: MeadClip, labels: Mapping[str, list[str]], labels_path: st
     texts = labels.get(cid)
     if not texts:
         return builder.Refusal(cid, f"{clip.audio_path}: no instruction for clip id {cid} in {labels_path}")
-    try:
-        audio = load_audio(clip.audio_path)
-        rec: dict[str, Any] = {"clip_id": cid, "speaker": clip.speaker, "audio": audio, "emotion": clip.emotion,
-                               "intensity": clip.level, "instructions": texts}
-        if emoca_root:
-            folder = emoca_folder(emoca_root, clip)
-            if folder is None:
-                return builder.Refusal(cid, f"no EMOCA output for {clip.audio_path} under {emoca_root} "
-                                            f"(looked for {cid}/ and {clip.speaker}/{clip.emotion}/"
-                                            f"level_{clip.level}/{clip.index:03d}/)")
-            coeff = emoca.load_emoca_clip(folder, audio.shape[0], model_name=options.model_name, fps=options.fps,
-                                          max_missing=options.max_missing,
-                                          frame_tolerance=options.frame_tolerance,
-                                          smooth=options.smooth_pose)
-            rec.update(coeff.as_record_fields())
-        return builder.validate_record(rec)
-    except InputError as e:
-        return builder.Refusal(cid, str(e))
+    folder = emoca_folder(emoca_root, clip) if emoca_root else None
+    if emoca_root and folder is None:
+        return builder.Refusal(cid, f"no EMOCA output for {clip.audio_path} under {emoca_root} "
+                                    f"(looked for {cid}/ and {clip.speaker}/{clip.emotion}/"
+                                    f"level_{clip.level}/{clip.index:03d}/)")
+    return builder.clip_record(cid, clip.audio_path, {"speaker": clip.speaker, "emotion": clip.emotion,
+                                                      "intensity": clip.level, "instructions": texts},
+                               folder, options)
 
 
 def mead_source(source: str | os.PathLike, labels: str | os.PathLike, emoca_root: str | os.PathLike | None = None,

@@ -120,7 +120,7 @@ def _legacy(argv: list[str]) -> list[str]:
 
 
 def _options(args):
-    from avi_jax.data.mead import CoefficientOptions
+    from avi_jax.data.emoca import CoefficientOptions
     return CoefficientOptions(model_name=args.emoca_model, fps=args.emoca_fps, smooth_pose=args.smooth_pose,
                               max_missing=args.max_missing, frame_tolerance=args.frame_tolerance)
 

@@ -39,9 +39,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from avi_jax.data import builder, instructions, schema
-from avi_jax.data.audio import load_audio
-from avi_jax.data.mead import CoefficientOptions, load_labels
-from avi_jax.data import emoca
+from avi_jax.data.emoca import CoefficientOptions
+from avi_jax.data.mead import load_labels
 from avi_jax.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -209,24 +208,13 @@ def make_record(clip: RavdessClip, labels: Mapping[str, list[str]] | None, label
             return builder.Refusal(cid, f"{clip.audio_path}: no instruction for clip id {cid} in {labels_path}")
     else:
         texts = prototype_instructions(clip.name)
-    try:
-        audio = load_audio(clip.audio_path)
-        rec: dict[str, Any] = {"clip_id": cid, "speaker": f"Actor_{clip.name.actor:02d}", "audio": audio,
-                               "emotion": clip.name.emotion, "intensity": clip.name.intensity,
-                               "instructions": texts}
-        if emoca_root:
-            folder = emoca_folder(emoca_root, clip.name)
-            if folder is None:
-                return builder.Refusal(cid, f"no EMOCA output for {clip.audio_path} under {emoca_root} "
-                                            f"(looked for {clip.name.stem(1)}/, {clip.name.stem(2)}/, {cid}/)")
-            coeff = emoca.load_emoca_clip(folder, audio.shape[0], model_name=options.model_name, fps=options.fps,
-                                          max_missing=options.max_missing,
-                                          frame_tolerance=options.frame_tolerance,
-                                          smooth=options.smooth_pose)
-            rec.update(coeff.as_record_fields())
-        return builder.validate_record(rec)
-    except InputError as e:
-        return builder.Refusal(cid, str(e))
+    folder = emoca_folder(emoca_root, clip.name) if emoca_root else None
+    if emoca_root and folder is None:
+        return builder.Refusal(cid, f"no EMOCA output for {clip.audio_path} under {emoca_root} "
+                                    f"(looked for {clip.name.stem(1)}/, {clip.name.stem(2)}/, {cid}/)")
+    return builder.clip_record(cid, clip.audio_path, {
+        "speaker": f"Actor_{clip.name.actor:02d}", "emotion": clip.name.emotion,
+        "intensity": clip.name.intensity, "instructions": texts}, folder, options)
 
 
 def ravdess_source(source: str | os.PathLike, emoca_root: str | os.PathLike | None = None, *,
