@@ -11,7 +11,7 @@ import pytest
 from avi_jax.training import mesh as mesh_lib
 from avi_jax.training.experiment import train_and_evaluate
 from avi_jax.training.loop import Preempted
-from configs import instruct, motion_prior
+from configs import instruct, motion_prior, style_prior
 from helpers import tiny_config
 
 
@@ -21,20 +21,26 @@ def _losses(workdir, stage):
     return [r["step"] for r in rows], np.array([r["loss"] for r in rows])
 
 
-def _instruct_lm(data_dir):
+def _instruct_lm(data_dir, request):
     return tiny_config(instruct, **{"data.dir": str(data_dir), "stages": ("lm",)}), "lm"
 
 
-def _motion(data_dir):
+def _motion(data_dir, request):
     return tiny_config(motion_prior, **{"data.dir": str(data_dir), "motion.total_steps": 6,
                                         "motion.log_every": 1, "motion.eval_every": 0}), "motion"
 
 
+def _style(data_dir, request):
+    """The style stage over a fake finished motion run (conftest's ``motion_workdir``)."""
+    return tiny_config(style_prior, **{"data.dir": str(data_dir), "style.total_steps": 6,
+                                       "motion_workdir": request.getfixturevalue("motion_workdir")}), "style"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("make_config", [_instruct_lm, _motion], ids=["instruct-lm", "motion"])
-def test_sigterm_then_restart_matches_straight_run(make_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("make_config", [_instruct_lm, _motion, _style], ids=["instruct-lm", "motion", "style"])
+def test_sigterm_then_restart_matches_straight_run(make_config, tmp_path, monkeypatch, request):
     """3 steps + SIGTERM (checkpoint) + restart + 3 steps == 6 straight steps, loss for loss."""
-    config, stage = make_config(tmp_path / "data")
+    config, stage = make_config(tmp_path / "data", request)
     config.checkpoint.every = 1000        # only the preemption checkpoint exists
     straight = str(tmp_path / "straight")
     train_and_evaluate(config, straight)

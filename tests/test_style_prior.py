@@ -147,33 +147,7 @@ def test_diversity_hand_cases():
         diversity(np.zeros((2, 2, 2)), valid=np.array([False, False]))
 
 
-# ---- the stage --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def motion_workdir(tmp_path_factory):
-    """A fake finished tiny motion run: its config.json and a randomly initialised, exported style
-    encoder and normalizer (the style stage needs nothing else from it)."""
-    from avi_jax.data import schema
-    from avi_jax.training import checkpointing
-    from avi_jax.training.experiment import save_config
-    from avi_jax.training.motion import MotionSetup
-    from configs import motion_prior
-
-    workdir = str(tmp_path_factory.mktemp("motion_run"))
-    config = motion_prior.get_config("tiny")
-    save_config(config, workdir)
-    setup = MotionSetup(config, workdir, data=False)
-    f, n = 4, 4 * schema.SAMPLES_PER_FRAME
-    batch = {"audio": jnp.zeros((1, n)), "audio_mask": jnp.ones((1, n), bool),
-             "expression": jnp.zeros((1, f, schema.N_EXPRESSION)), "jaw_pose": jnp.zeros((1, f, schema.N_JAW)),
-             "coeff_mask": jnp.ones((1, f), bool)}
-    params = jax.jit(lambda r: nn.meta.unbox(setup.init_params(r, batch, with_statistics=False)))(
-        jax.random.key(0))
-    params["normalizer"] = {"mean": jnp.full((53,), 0.01), "scale": jnp.full((53,), 0.2)}
-    checkpointing.export_params({c: params[c] for c in ("style_encoder", "normalizer")},
-                                os.path.join(workdir, "motion", "params.safetensors"))
-    return workdir
+# ---- the stage (motion_workdir: see conftest.py) -------------------------------------------------
 
 
 def _style_config(motion_workdir, **overrides):
