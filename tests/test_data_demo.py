@@ -63,6 +63,9 @@ def test_splits_are_speaker_disjoint(corpus):
     assert len({c["clip_id"] for c in corpus}) == len(corpus)
     # Both genders on both sides.
     assert {c["gender"] for c in corpus if c["split"] == "test"} == {"male", "female"}
+    # Larger corpora hold out one speaker in eight.
+    splits = [demo.demo_split(s, 32) for s in range(32)]
+    assert splits[-5:] == ["validation"] + ["test"] * 4 and splits.count("train") == 27
 
 
 def test_jaw_follows_the_audio_envelope(corpus):

@@ -91,16 +91,24 @@ def gender_of(speaker: int) -> str:
     return "male" if speaker % 2 == 0 else "female"
 
 
-def demo_split(speaker: int, num_speakers: int) -> str:
-    """Speaker-disjoint split: the last 2 speakers -> 'test', the one before -> 'validation', rest 'train'.
+def num_test_speakers(num_speakers: int) -> int:
+    """Held-out test speakers of a demo corpus: one in eight, at least 2 (one of each gender)."""
+    return max(2, num_speakers // 8)
 
-    With the default 12 speakers: 0-8 train, 9 validation, 10-11 test. Needs ``num_speakers >= 4``.
+
+def demo_split(speaker: int, num_speakers: int) -> str:
+    """Speaker-disjoint split: the last :func:`num_test_speakers` speakers -> 'test', the one before ->
+    'validation', the rest 'train'.
+
+    With 12 speakers: 0-8 train, 9 validation, 10-11 test; with 32: 0-26 train, 27 validation, 28-31 test.
+    Needs ``num_speakers >= 4``.
     """
     if num_speakers < 4:
         raise ValueError(f"the demo corpus needs at least 4 speakers, got {num_speakers}")
-    if speaker >= num_speakers - 2:
+    n_test = num_test_speakers(num_speakers)
+    if speaker >= num_speakers - n_test:
         return "test"
-    if speaker == num_speakers - 3:
+    if speaker == num_speakers - n_test - 1:
         return "validation"
     return "train"
 
