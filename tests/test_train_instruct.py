@@ -131,6 +131,31 @@ def test_align_with_the_packaged_minilm_text_encoder(tmp_path, data_dir):
     assert setup.model_config.text.hidden_size == 384 and setup.model_config.text.num_hidden_layers == 6
 
 
+@pytest.mark.slow
+def test_align_precomputes_a_frozen_text_encoder(tmp_path, data_dir):
+    """A frozen text encoder is run once over the training instructions; the step then reads its
+    features from the batch, with the same loss as encoding the texts in the step."""
+    import flax.linen as nn
+    from avi_jax.training import mesh as mesh_lib
+    from avi_jax.training.instruct import AlignStage, InstructSetup
+    from avi_jax.training.loop import device_batch
+    config = _config(data_dir, **{"model.text_encoder.train_in_align": False})
+    stage = AlignStage(InstructSetup(config, str(tmp_path)))
+    assert "text_encoder" not in stage.trainable
+    batch = device_batch(next(iter(stage.train_dataset())))
+    mesh = mesh_lib.make_mesh(config.mesh)
+    with mesh, nn.logical_axis_rules(tuple(tuple(r) for r in config.logical_axis_rules)):
+        params = jax.jit(lambda r: nn.meta.unbox(stage.model_init(r, batch)))(jax.random.key(0))
+        stage.prepare({c: v for c, v in params.items() if c not in stage.trainable}, mesh)
+        cached = stage.host_batch(batch)
+        width = config.model.text_encoder.overrides.hidden_size
+        assert cached["text_feature"].shape == (batch["text_ids"].shape[0], width)
+        rng = jax.random.key(1)
+        with_cache, without = stage.loss(params, cached, rng)[0], stage.loss(params, batch, rng)[0]
+    np.testing.assert_allclose(float(with_cache), float(without), rtol=1e-6)
+    assert len(stage._text_cache) >= len(set(map(tuple, batch["text_ids"])))
+
+
 def test_demo_config_uses_pretrained_text_and_trains_its_speech_encoder():
     demo, tiny = instruct.get_config("demo"), instruct.get_config("tiny")
     assert demo.model.text_encoder.source == "hf" and not demo.model.text_encoder.train_in_align

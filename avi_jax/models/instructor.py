@@ -90,11 +90,16 @@ class Instructor(nn.Module):
             text_ids, text_mask, pooling=self.config.text_pooling, normalize=False)
 
     def align(self, audio: jax.Array, audio_mask: jax.Array, text_ids: jax.Array,
-              text_mask: jax.Array, deterministic: bool = True
+              text_mask: jax.Array, deterministic: bool = True, text_feature: jax.Array | None = None
               ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Stage 1a: audio embeddings (B, Q, D), text embeddings (B, D) (unit norm), temperature ()."""
+        """Stage 1a: audio embeddings (B, Q, D), text embeddings (B, D) (unit norm), temperature ().
+
+        ``text_feature``: the frozen text encoder's (B, W) output for these texts when precomputed
+        (then ``text_ids``/``text_mask`` are not encoded again)."""
         feats, mask = self.audio_features(audio, audio_mask)
-        return self.qformer.init_all(feats, mask, self.text_feature(text_ids, text_mask), deterministic)
+        if text_feature is None:
+            text_feature = self.text_feature(text_ids, text_mask)
+        return self.qformer.init_all(feats, mask, text_feature, deterministic)
 
     def soft_prompt(self, audio: jax.Array, audio_mask: jax.Array, deterministic: bool = True
                     ) -> jax.Array:

@@ -73,6 +73,14 @@ class Stage(abc.ABC):
     def evaluate(self, params: dict, mesh: jax.sharding.Mesh) -> dict[str, float]:
         """Held-out metrics (host floats)."""
 
+    def prepare(self, frozen: dict, mesh: jax.sharding.Mesh) -> None:
+        """Called once before the first step with the frozen components, e.g. to precompute their
+        outputs for :meth:`host_batch`. Default: nothing."""
+
+    def host_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Host-side additions to each (host-local) training batch before it is sharded. Default: none."""
+        return batch
+
 
 def device_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Keep the numeric arrays of a pipeline batch (drops strings/objects)."""
@@ -193,6 +201,8 @@ def run_stage(stage: Stage, config: Any) -> dict[str, float]:
         logging.info("stage %s: resumed from step %d", stage.name, start)
 
     schedule = make_schedule(sc.optimizer, total_steps)
+    with mesh, nn.logical_axis_rules(rules):
+        stage.prepare(frozen, mesh)
 
     def train_step(state: TrainState, frozen: dict, batch: dict, base_rng: jax.Array):
         step_rng = jax.random.fold_in(base_rng, state.step)
@@ -221,7 +231,7 @@ def run_stage(stage: Stage, config: Any) -> dict[str, float]:
     t0 = time.time()
     with _Preemption() as preemption:
         for step in range(start, total_steps):
-            batch = mesh_lib.shard_batch(device_batch(next(data_iter)), mesh)
+            batch = mesh_lib.shard_batch(stage.host_batch(device_batch(next(data_iter))), mesh)
             with mesh, nn.logical_axis_rules(rules), jax.transfer_guard("disallow"):
                 state, metrics = step_fn(state, frozen, batch, step_rng)
             history.append(metrics)
