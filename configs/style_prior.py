@@ -29,7 +29,7 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c, arg = common.base_config(arg, "style", ("style",), max_audio_seconds=6.0, demo_speakers=12)
+    c, arg = common.base_config(arg, "style", ("style",), demo_speakers=12)
     small = c.variant != "paper"
     c.motion_workdir = ""                 # a finished motion run (required)
     # data.dir '' + demo: <motion_workdir>/data, shared with the motion run. max_audio_seconds is the

