@@ -35,7 +35,7 @@ class InstructionModel:
         import jax.numpy as jnp
         import flax.linen as nn
         from avi_jax.models.instructor import Instructor
-        from avi_jax.training.instruct import InstructSetup, tune_trainable
+        from avi_jax.assembly.instruct import InstructSetup, tune_trainable
 
         config = load_workdir_config(workdir)
         if not os.path.isfile(os.path.join(workdir, "tune", "params.safetensors")):

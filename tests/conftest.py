@@ -30,9 +30,9 @@ def motion_workdir(tmp_path_factory):
     import jax.numpy as jnp
 
     from avi_jax.data import schema
-    from avi_jax.training import checkpointing
+    from avi_jax.checkpoints.exported import export_params
     from avi_jax.training.experiment import save_config
-    from avi_jax.training.motion import MotionSetup
+    from avi_jax.assembly.motion import MotionSetup
     from configs import motion_prior
 
     workdir = str(tmp_path_factory.mktemp("motion_run"))
@@ -46,6 +46,6 @@ def motion_workdir(tmp_path_factory):
     params = jax.jit(lambda r: nn.meta.unbox(setup.init_params(r, batch, with_statistics=False)))(
         jax.random.key(0))
     params["normalizer"] = {"mean": jnp.full((53,), 0.01), "scale": jnp.full((53,), 0.2)}
-    checkpointing.export_params({c: params[c] for c in ("style_encoder", "normalizer")},
+    export_params({c: params[c] for c in ("style_encoder", "normalizer")},
                                 os.path.join(workdir, "motion", "params.safetensors"))
     return workdir

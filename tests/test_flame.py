@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from avi_jax.checkpoints import flame as flame_ckpt
 from avi_jax.errors import CheckpointError, ConfigError, InputError, UnsafePickleError
 from avi_jax.models import flame as F
 
@@ -157,7 +158,7 @@ def flame_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(flame_files):
-    return F.load_flame_model(flame_files.model, flame_files.masks)
+    return flame_ckpt.load_flame_model(flame_files.model, flame_files.masks)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def small_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_model(small_files):
-    return F.load_flame_model(small_files.model, small_files.masks)
+    return flame_ckpt.load_flame_model(small_files.model, small_files.masks)
 
 
 def random_inputs(seed: int, batch: int, n_shape: int, n_exp: int, pose_scale: float = 0.4):
@@ -219,7 +220,7 @@ def test_chumpy_py2_pickle_loads_like_numpy(tmp_path, fake_chumpy, model, flame_
     path.write_bytes(blob)
     masks_path = tmp_path / "FLAME_masks.pkl"
     masks_path.write_bytes(py2_style_dumps(synthetic_masks()))
-    loaded = F.load_flame_model(tmp_path, masks_path)  # a folder works too
+    loaded = flame_ckpt.load_flame_model(tmp_path, masks_path)  # a folder works too
     jax.tree.map(np.testing.assert_array_equal, loaded, model)  # same tree (parents too) and values
     assert loaded.parents == model.parents
 
@@ -232,7 +233,7 @@ def test_chumpy_old_protocols_load(tmp_path, fake_chumpy, small_files, small_mod
     blob = pickle.dumps(d, protocol=protocol)
     assert b"copy_reg" in blob and b"_reconstructor" in blob
     (tmp_path / "m.pkl").write_bytes(blob)
-    loaded = F.load_flame_model(tmp_path / "m.pkl", small_files.masks)
+    loaded = flame_ckpt.load_flame_model(tmp_path / "m.pkl", small_files.masks)
     jax.tree.map(np.testing.assert_array_equal, loaded, small_model)  # same tree (parents too) and values
 
 
@@ -248,23 +249,23 @@ def test_flame2023_layout_loads(tmp_path, model, flame_files):
     d["version"] = "FLAME 2023"
     with open(tmp_path / "flame2023.pkl", "wb") as f:
         pickle.dump(d, f, protocol=pickle.HIGHEST_PROTOCOL)
-    m23 = F.load_flame_model(tmp_path / "flame2023.pkl", n_shape=100, n_exp=50)
+    m23 = flame_ckpt.load_flame_model(tmp_path / "flame2023.pkl", n_shape=100, n_exp=50)
     shape, exp, pose = random_inputs(3, 2, 100, 50)
     np.testing.assert_allclose(F.flame_forward(m23, shape, exp, pose).vertices,
                                F.flame_forward(model, shape, exp, pose).vertices, atol=1e-6)
 
 
 def test_missing_file_config_error(tmp_path, flame_files):
-    for call in (lambda: F.load_flame_model(tmp_path / "nope.pkl"),
-                 lambda: F.load_flame_model(tmp_path),  # folder without a model file
-                 lambda: F.load_flame_model(flame_files.model, tmp_path / "FLAME_masks.pkl")):
+    for call in (lambda: flame_ckpt.load_flame_model(tmp_path / "nope.pkl"),
+                 lambda: flame_ckpt.load_flame_model(tmp_path),  # folder without a model file
+                 lambda: flame_ckpt.load_flame_model(flame_files.model, tmp_path / "FLAME_masks.pkl")):
         with pytest.raises(ConfigError) as e:
             call()
         msg = str(e.value)
         assert "https://flame.is.tue.mpg.de" in msg and "registration" in msg
         assert "config.flame." in msg and "--flame-" in msg
     with pytest.raises(ConfigError, match="config.flame.model_path.*--flame-model"):
-        F.load_flame_model(tmp_path / "nope.pkl")
+        flame_ckpt.load_flame_model(tmp_path / "nope.pkl")
 
 
 def test_bad_entries_raise_checkpoint_error(tmp_path, small_files):
@@ -283,12 +284,12 @@ def test_bad_entries_raise_checkpoint_error(tmp_path, small_files):
         with open(path, "wb") as f:
             pickle.dump(d, f, protocol=2)
         with pytest.raises(CheckpointError, match=str(path)):
-            F.load_flame_model(path)
+            flame_ckpt.load_flame_model(path)
     with pytest.raises(ConfigError, match="n_shape=301"):
-        F.load_flame_model(small_files.model, n_shape=301)
+        flame_ckpt.load_flame_model(small_files.model, n_shape=301)
     (tmp_path / "garbage.pkl").write_bytes(b"\x80\x02not a pickle at all")
     with pytest.raises(UnsafePickleError, match="garbage.pkl"):
-        F.load_flame_model(tmp_path / "garbage.pkl")
+        flame_ckpt.load_flame_model(tmp_path / "garbage.pkl")
 
 
 class _Evil:
@@ -317,12 +318,12 @@ def test_malicious_pickle_is_refused(tmp_path, fake_chumpy, flame_files, attack,
     if attack == "masks":
         with open(evil, "wb") as f:
             pickle.dump({"lips": payload}, f, protocol=protocol)
-        call = lambda: F.load_flame_model(flame_files.model, evil)  # noqa: E731
+        call = lambda: flame_ckpt.load_flame_model(flame_files.model, evil)  # noqa: E731
     else:
         d = {"v_template": payload, "f": flame_files.data["f"][:3]}
         with open(evil, "wb") as f:
             pickle.dump(d, f, protocol=protocol)
-        call = lambda: F.load_flame_model(evil)  # noqa: E731
+        call = lambda: flame_ckpt.load_flame_model(evil)  # noqa: E731
     # sanity: an ordinary unpickler would run the payload (kept off: it is exactly what we refuse)
     assert b"system" in evil.read_bytes() or b"exec" in evil.read_bytes() or b"call" in evil.read_bytes()
     with pytest.raises(UnsafePickleError, match="evil.pkl") as e:
@@ -342,7 +343,7 @@ def test_parity_with_smplx(flame_files, n_shape, n_exp):
     batch = 4
     ref_model = smplx.FLAME(model_path=str(flame_files.smplx_dir), num_betas=n_shape,
                             num_expression_coeffs=n_exp, batch_size=batch, use_face_contour=False)
-    ours = F.load_flame_model(flame_files.model, n_shape=n_shape, n_exp=n_exp)
+    ours = flame_ckpt.load_flame_model(flame_files.model, n_shape=n_shape, n_exp=n_exp)
     for seed, pose_scale in ((0, 0.4), (1, 1.5), (2, 0.0)):
         shape, exp, pose = random_inputs(seed, batch, n_shape, n_exp, pose_scale)
         t = {k: torch.from_numpy(v) for k, v in

@@ -8,7 +8,7 @@ import signal
 import numpy as np
 import pytest
 
-from avi_jax.training import mesh as mesh_lib
+from avi_jax import sharding as mesh_lib
 from avi_jax.training.experiment import train_and_evaluate
 from avi_jax.training.loop import Preempted
 from configs import instruct, motion_prior, style_prior

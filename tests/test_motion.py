@@ -15,9 +15,11 @@ import pytest
 
 from avi_jax.data import builder
 from avi_jax.errors import ConfigError, InputError
+from avi_jax.checkpoints.flame import load_flame_model
 from avi_jax.models import flame as flame_lib
 from avi_jax.models.motion import MOTION_DIM, MotionConfig, MotionPrior, StyleEncoder
-from avi_jax.training import common, motion as M
+from avi_jax.assembly import common, motion as A
+from avi_jax.training import motion as M
 from avi_jax.training.experiment import train_and_evaluate
 from configs import motion_prior
 from helpers import tiny_config
@@ -28,7 +30,7 @@ F = N // 640
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = M.motion_model_config(motion_prior.get_config("tiny"))
+    cfg = A.motion_model_config(motion_prior.get_config("tiny"))
     model = MotionPrior(cfg)
     rng = np.random.default_rng(0)
     audio = jnp.asarray(rng.normal(0, 0.1, (B, N)), jnp.float32)
@@ -194,7 +196,7 @@ def flame_files(tmp_path_factory):
 
 
 def test_vertex_losses_and_lve_match_hand_computation(flame_files):
-    model = flame_lib.load_flame_model(*flame_files)
+    model = load_flame_model(*flame_files)
     lips = model.mask("lips")
     rng = np.random.default_rng(8)
     pred = rng.normal(0, 0.5, (2, 3, 53)).astype(np.float32)
@@ -230,11 +232,11 @@ def test_pearson():
 def test_paper_config_builds_abstractly(tmp_path):
     config = motion_prior.get_config("paper")
     with pytest.raises(ConfigError, match=r"model\.audio_encoder\.hf_path"):
-        M.MotionSetup(config, str(tmp_path), data=False)
+        A.MotionSetup(config, str(tmp_path), data=False)
     with pytest.raises(ConfigError, match=r"config\.data\.dir"):
         train_and_evaluate(config, str(tmp_path))
     config.model.audio_encoder.source = "init"          # the wav2vec2_base preset, no weights needed
-    setup = M.MotionSetup(config, str(tmp_path), data=False)
+    setup = A.MotionSetup(config, str(tmp_path), data=False)
     samples = int(config.data.max_audio_seconds * 16000)
     params = setup.abstract_params(samples, batch_size=2)
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
@@ -260,13 +262,13 @@ def test_paper_config_builds_abstractly(tmp_path):
 def test_wav2vec2_from_a_hugging_face_folder(tmp_path):
     """source 'hf': the model config comes from config.json and the weights load onto the model's tree."""
     transformers = pytest.importorskip("transformers")
-    tiny_audio = M.motion_model_config(motion_prior.get_config("tiny")).audio
+    tiny_audio = A.motion_model_config(motion_prior.get_config("tiny")).audio
     transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(**tiny_audio.to_hf())).save_pretrained(tmp_path)
     transformers.Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(tmp_path)
     config = motion_prior.get_config("tiny")
     config.model.audio_encoder.source = "hf"
     config.model.audio_encoder.hf_path = str(tmp_path)
-    setup = M.MotionSetup(config, str(tmp_path / "work"), data=False)
+    setup = A.MotionSetup(config, str(tmp_path / "work"), data=False)
     assert setup.model_config.audio == dataclasses.replace(tiny_audio, do_normalize=True)
     assert setup.source_of("audio_encoder") == "hf" and setup.source_of("generator") == "init"
     abstract = setup.abstract_params(640 * 4)["audio_encoder"]
@@ -274,7 +276,7 @@ def test_wav2vec2_from_a_hugging_face_folder(tmp_path):
     assert jax.tree.map(lambda x: x.shape, loaded) == jax.tree.map(lambda x: x.shape, abstract)
     config.model.audio_encoder.hf_path = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match="wav2vec2"):
-        M.MotionSetup(config, str(tmp_path / "work"), data=False)
+        A.MotionSetup(config, str(tmp_path / "work"), data=False)
 
 
 # ------------------------------------------------------------------------------ end to end (tiny)
@@ -306,8 +308,8 @@ def test_tiny_run_end_to_end(tmp_path, data_dir):
     rows = _rows(workdir)
     assert [r["step"] for r in rows] == list(range(1, 7)) and all(np.isfinite(r["loss"]) for r in rows)
     # the exported parameters rebuild the model from the workdir alone
-    setup, params = M.load_motion_workdir(workdir, ("style_encoder", "normalizer"))
-    mean, std = M.motion_statistics(builder.open_split(common.dataset_path(setup.config, workdir), "train"))
+    setup, params = A.load_motion_workdir(workdir, ("style_encoder", "normalizer"))
+    mean, std = A.motion_statistics(builder.open_split(common.dataset_path(setup.config, workdir), "train"))
     np.testing.assert_allclose(params["normalizer"]["mean"], mean, rtol=1e-6)
     np.testing.assert_allclose(params["normalizer"]["scale"], std, rtol=1e-6)
     ref = jnp.asarray(np.random.default_rng(0).normal(size=(1, 10, 53)), jnp.float32)

@@ -200,21 +200,21 @@ def test_tiny_style_run_writes_metrics_and_exports(tiny_style_run):
 
 @pytest.mark.slow
 def test_setup_samples_styles_from_a_finished_workdir(tiny_style_run, motion_workdir):
-    from avi_jax.training import checkpointing
-    from avi_jax.training.style import StyleSetup
+    from avi_jax.assembly.style import StyleSetup
+    from avi_jax.checkpoints.exported import load_exported
     workdir, _ = tiny_style_run
     config = _style_config(motion_workdir)
     setup = StyleSetup(config, workdir, data=False)
     abstract = jax.eval_shape(lambda: nn.meta.unbox(_init(setup.prior_config)))
-    params = {name: checkpointing.load_exported(os.path.join(workdir, "style", "params.safetensors"), tree,
+    params = {name: load_exported(os.path.join(workdir, "style", "params.safetensors"), tree,
                                                 prefix=f"{name}/")
               for name, tree in zip(("aligner", "prior"), abstract)}
-    params["style_norm"] = checkpointing.load_exported(
+    params["style_norm"] = load_exported(
         os.path.join(workdir, "style", "params.safetensors"),
         {"mean": jax.ShapeDtypeStruct((setup.prior_config.style_dim,), jnp.float32),
          "scale": jax.ShapeDtypeStruct((), jnp.float32)}, prefix="style_norm/")
     text_abs = jax.eval_shape(lambda: setup.text_model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"])
-    params["text_encoder"] = checkpointing.load_exported(
+    params["text_encoder"] = load_exported(
         os.path.join(workdir, "style", "params.safetensors"), nn.meta.unbox(text_abs), prefix="text_encoder/")
     texts = ["A very happy man speaks with lip corner strongly pulled.", "A calm woman talks."]
     a = setup.sample(params, texts, jax.random.key(0), num_samples=3)

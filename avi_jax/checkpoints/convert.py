@@ -14,7 +14,7 @@ import numpy as np
 from flax import traverse_util
 
 from avi_jax.errors import CheckpointError
-from avi_jax.training.mesh import place
+from avi_jax.sharding import place
 
 Transform = Callable[[np.ndarray], np.ndarray]
 Row = tuple[str, str, Transform]

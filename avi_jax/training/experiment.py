@@ -20,13 +20,16 @@ from avi_jax.training.loop import run_stage
 
 def _stage_classes(config: Any) -> tuple[Any, dict]:
     if config.family == "instruct":
-        from avi_jax.training.instruct import STAGES, InstructSetup
+        from avi_jax.assembly.instruct import InstructSetup
+        from avi_jax.training.instruct import STAGES
         return InstructSetup, STAGES
     if config.family == "motion":
-        from avi_jax.training.motion import STAGES, MotionSetup
+        from avi_jax.assembly.motion import MotionSetup
+        from avi_jax.training.motion import STAGES
         return MotionSetup, STAGES
     if config.family == "style":
-        from avi_jax.training.style import STAGES, StyleSetup
+        from avi_jax.assembly.style import StyleSetup
+        from avi_jax.training.style import STAGES
         return StyleSetup, STAGES
     raise ConfigError(f"unknown config.family {config.family!r}")
 

@@ -24,12 +24,13 @@ import numpy as np
 import optax
 from clu import metric_writers, parameter_overview, periodic_actions
 
+from avi_jax import sharding as mesh_lib
+from avi_jax.assembly.common import INIT
+from avi_jax.checkpoints.exported import export_params
 from avi_jax.errors import ConfigError
-from avi_jax.training import checkpointing, mesh as mesh_lib
-from avi_jax.training.state import TrainState, make_optimizer, make_schedule, stop_frozen_gradients
-
-INIT = "init"   # component source: seeded random initialisation
-
+from avi_jax.training import checkpointing
+from avi_jax.training.state import (TrainState, make_optimizer, make_schedule, optimizer_shardings,
+                                   stop_frozen_gradients)
 
 class Stage(abc.ABC):
     """One training stage. Subclasses set ``name``, ``trainable`` and implement the methods below.
@@ -179,7 +180,7 @@ def run_stage(stage: Stage, config: Any) -> dict[str, float]:
         tx = make_optimizer(sc.optimizer, total_steps)
         repl = mesh_lib.replicated(mesh)
         trainable_shardings = {c: shardings[c] for c in stage.trainable}
-        opt_shardings = mesh_lib.optimizer_shardings(
+        opt_shardings = optimizer_shardings(
             jax.eval_shape(tx.init, {c: abstract[c] for c in stage.trainable}), trainable_shardings, repl)
         state_shardings = TrainState(step=repl, params=trainable_shardings, opt_state=opt_shardings)
         state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
@@ -260,7 +261,7 @@ def run_stage(stage: Stage, config: Any) -> dict[str, float]:
     # Trained components, plus seeded-init ones (they cannot be re-derived by a later stage that
     # initialises a different subset of the model): later stages and inference read this file.
     exported = {**{c: v for c, v in frozen.items() if stage.source(c) == INIT}, **state.params}
-    checkpointing.export_params(exported, os.path.join(stage_dir, "params.safetensors"))
+    export_params(exported, os.path.join(stage_dir, "params.safetensors"))
     with mesh, nn.logical_axis_rules(rules):
         final = {k: float(v) for k, v in stage.evaluate({**frozen, **state.params}, mesh).items()}
     final["steps"] = total_steps

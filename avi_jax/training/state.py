@@ -73,3 +73,22 @@ def stop_frozen_gradients(opt_config: Any, params: Any) -> Any:
         return params
     return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
                         frozen_mask(opt_config, params))
+
+
+def optimizer_shardings(opt_state: Any, param_shardings: Any, default: jax.sharding.Sharding) -> Any:
+    """Shardings for an optimizer state: a leaf whose path ends with a parameter's path (Adam's
+    ``mu``/``nu`` mirror the params tree) and has its shape takes that parameter's sharding; counts
+    and other scalars get ``default`` (replicated)."""
+    def keys(path):
+        return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+
+    by_path = {keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+
+    def pick(path, leaf):
+        k = keys(path)
+        for i in range(len(k)):
+            if k[i:] in by_path:
+                return by_path[k[i:]]
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
