@@ -27,3 +27,8 @@ class UnsafePickleError(CheckpointError):
 
 class RenderError(AviJaxError, RuntimeError):
     """The mesh renderer cannot run (no headless OpenGL/EGL on this machine)."""
+
+
+class TrainingDivergedError(AviJaxError, RuntimeError):
+    """A training metric (loss, gradient norm, ...) became NaN or infinite; no checkpoint of that state
+    was written."""

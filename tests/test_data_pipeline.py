@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from avi_jax.data import builder, pipeline, schema
+from avi_jax.data import builder, demo, pipeline, schema
 from avi_jax.data import tokenizer as tok_lib
 from avi_jax.errors import ConfigError
 
@@ -192,7 +192,7 @@ def test_bad_arguments(tok):
 
 
 def test_from_prepared_demo(tok, tmp_path):
-    path = builder.prepare_demo(tmp_path, seed=0, num_speakers=4, clip_seconds=1.0)
+    path = demo.prepare_demo(tmp_path, seed=0, num_speakers=4, clip_seconds=1.0)
     src = builder.open_split(path, "test")
     b = next(iter(_ds(src, tok, batch_size=6, max_audio_samples=24000)))
     assert b["audio"].shape == (6, 24000) and b["coeff_mask"].shape == (6, 37)

@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
     mask[1, :3] = False
     mask[2, :1] = False
     ids[~mask] = PAD
-    return hf, Llama(cfg), params, ids, mask
+    return hf, Llama(cfg), {"params": params}, ids, mask     # generate takes the variables, as apply
 
 
 def hf_greedy(hf, ids, mask, eos):

@@ -93,3 +93,17 @@ def test_paper_scale_instructor_builds_abstractly():
     assert _count(tune["llm"]) == 6_738_415_616                             # LLaMA-7B
     assert _count(tune["llm_proj"]) == 768 * 4096 + 4096                    # Q-Former width -> LLM width
     assert 100e6 < _count(align["qformer"]) < 110e6
+
+
+def test_soft_prompt_projection_output_is_the_llm_embedding_axis():
+    """The projection's output is the LLM's embedding width, so it is sharded like ``embed`` (as the
+    LLM's token embeddings it is fed next to), not like an MLP hidden layer."""
+    model, _ = _tiny_instructor()
+    audio, amask = jax.ShapeDtypeStruct((2, 8000), jnp.float32), jax.ShapeDtypeStruct((2, 8000), jnp.bool_)
+    ids, mask = jax.ShapeDtypeStruct((2, 3), jnp.int32), jax.ShapeDtypeStruct((2, 3), jnp.bool_)
+    specs = nn.get_partition_spec(jax.eval_shape(
+        lambda a, m, i, k: model.init(jax.random.key(0), a, m, i, k, i, k, method=Instructor.init_tune),
+        audio, amask, ids, mask))["params"]
+    assert tuple(specs["llm_proj"]["kernel"]) == (None, "embed")
+    assert tuple(specs["llm_proj"]["bias"]) == ("embed",)
+    assert tuple(specs["llm"]["embed_tokens"]["embedding"])[-1] == "embed"

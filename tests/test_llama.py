@@ -106,7 +106,7 @@ def test_config_from_hf_variants():
 
 def test_llama_7b_param_count_abstract():
     cfg = L.llama_7b()
-    abstract = nn.meta.unbox(L.abstract_variables(cfg))     # eval_shape: nothing allocated
+    abstract = nn.meta.unbox(L.abstract_params(cfg))     # eval_shape: nothing allocated
     n = count_params(abstract)
     assert n == cfg.num_params == 6_738_415_616
     with torch.device("meta"):
@@ -118,7 +118,7 @@ def test_llama_7b_param_count_abstract():
 
 
 def test_logical_axes():
-    specs = nn.get_partition_spec(L.abstract_variables(L.tiny(attention_bias=True)))["params"]
+    specs = nn.get_partition_spec(L.abstract_params(L.tiny(attention_bias=True)))
     attn = specs["layers_0"]["self_attn"]
     assert tuple(specs["embed_tokens"]["embedding"]) == ("vocab", "embed")
     assert tuple(attn["q_proj"]["kernel"]) == ("embed", "heads")
@@ -127,8 +127,7 @@ def test_logical_axes():
     assert tuple(specs["layers_0"]["mlp"]["gate_proj"]["kernel"]) == ("embed", "mlp")
     assert tuple(specs["layers_0"]["mlp"]["down_proj"]["kernel"]) == ("mlp", "embed")
     assert tuple(specs["lm_head"]["kernel"]) == ("embed", "vocab")
-    assert "lm_head" not in nn.get_partition_spec(L.abstract_variables(L.tiny(tie_word_embeddings=True)))[
-        "params"]
+    assert "lm_head" not in nn.get_partition_spec(L.abstract_params(L.tiny(tie_word_embeddings=True)))
 
 
 # ----------------------------------------------------------------------------------------------- parity
@@ -139,13 +138,13 @@ def test_logits_parity_padded(hf_folder):
     assert cfg.tie_word_embeddings == CONFIGS[name]["tie_word_embeddings"]
     ids, mask = padded_batch(cfg.vocab_size)
     ref = torch_logits(model, ids, mask)
-    out = L.Llama(cfg).apply(params, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    out = L.Llama(cfg).apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     assert out.dtype == jnp.float32 and out.shape == (4, 9, cfg.vocab_size)
     assert rel_err(out, ref, mask) <= 1e-4
     # unpadded batch without a mask equals HF's default call
     with torch.no_grad():
         ref_full = model(input_ids=torch.tensor(ids[:1], dtype=torch.long)).logits.numpy()
-    assert rel_err(L.Llama(cfg).apply(params, jnp.asarray(ids[:1])), ref_full) <= 1e-4
+    assert rel_err(L.Llama(cfg).apply({"params": params}, jnp.asarray(ids[:1])), ref_full) <= 1e-4
 
 
 def test_inputs_embeds_equals_input_ids(hf_folder):
@@ -153,15 +152,15 @@ def test_inputs_embeds_equals_input_ids(hf_folder):
     cfg, params = load_llama(folder)
     model = L.Llama(cfg)
     ids, mask = padded_batch(cfg.vocab_size, seed=1)
-    embeds = model.apply(params, jnp.asarray(ids), method=L.Llama.embed)
+    embeds = model.apply({"params": params}, jnp.asarray(ids), method=L.Llama.embed)
     assert embeds.shape == (4, 9, cfg.hidden_size)
-    a = model.apply(params, input_ids=jnp.asarray(ids), attention_mask=mask)
-    b = model.apply(params, inputs_embeds=embeds, attention_mask=mask)
+    a = model.apply({"params": params}, input_ids=jnp.asarray(ids), attention_mask=mask)
+    b = model.apply({"params": params}, inputs_embeds=embeds, attention_mask=mask)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(InputError):
-        model.apply(params, input_ids=jnp.asarray(ids), inputs_embeds=embeds)
+        model.apply({"params": params}, input_ids=jnp.asarray(ids), inputs_embeds=embeds)
     with pytest.raises(InputError):
-        model.apply(params, input_ids=jnp.asarray(ids), attention_mask=mask[:, :4])
+        model.apply({"params": params}, input_ids=jnp.asarray(ids), attention_mask=mask[:, :4])
 
 
 def test_cached_decoding_matches_full_forward(hf_folder):
@@ -170,8 +169,8 @@ def test_cached_decoding_matches_full_forward(hf_folder):
     model = L.Llama(cfg)
     ids, mask = padded_batch(cfg.vocab_size, seed=2)
     mask[3] = True                           # decoding continues real tokens after the prompt
-    full = np.asarray(model.apply(params, jnp.asarray(ids), attention_mask=mask))
-    step = jax.jit(lambda p, x, m, c: model.apply(p, input_ids=x, attention_mask=m, cache=c))
+    full = np.asarray(model.apply({"params": params}, jnp.asarray(ids), attention_mask=mask))
+    step = jax.jit(lambda p, x, m, c: model.apply({"params": p}, input_ids=x, attention_mask=m, cache=c))
     cache = L.KVCache.init(cfg, 4, 12)
     pieces = []
     for start, stop in [(0, 4), (4, 6), (6, 7), (7, 8), (8, 9)]:   # prefill, a chunk, single steps
@@ -189,17 +188,17 @@ def test_remat_and_bf16():
     cfg = L.tiny()
     params = L.init_params(cfg, jax.random.PRNGKey(0))
     ids, mask = padded_batch(cfg.vocab_size)
-    embeds = L.Llama(cfg).apply(params, jnp.asarray(ids), method=L.Llama.embed)
+    embeds = L.Llama(cfg).apply({"params": params}, jnp.asarray(ids), method=L.Llama.embed)
 
     def loss(e, c):
-        return jnp.sum(jnp.where(mask[..., None], L.Llama(c).apply(params, inputs_embeds=e,
+        return jnp.sum(jnp.where(mask[..., None], L.Llama(c).apply({"params": params}, inputs_embeds=e,
                                                                     attention_mask=mask), 0.0) ** 2)
 
     grad = jax.jit(jax.grad(loss), static_argnums=1)
     g = grad(embeds, cfg)
     g_remat = grad(embeds, cfg.replace(remat=True))
     assert rel_err(g_remat, g) <= 1e-5
-    fwd = jax.jit(lambda c: L.Llama(c).apply(params, jnp.asarray(ids), attention_mask=mask), static_argnums=0)
+    fwd = jax.jit(lambda c: L.Llama(c).apply({"params": params}, jnp.asarray(ids), attention_mask=mask), static_argnums=0)
     f32, bf = fwd(cfg), fwd(cfg.replace(dtype="bfloat16"))
     assert bf.dtype == jnp.float32 and rel_err(bf, f32, mask) < 0.05
 
@@ -216,12 +215,11 @@ def test_load_sharded_safetensors_and_shardings(tmp_path):
     cfg0 = L.LlamaConfig.from_hf(json.loads((tmp_path / "config.json").read_text()))
     shardings = param_shardings(cfg0, mesh, logical_axis_rules())
     cfg, params = load_llama(str(tmp_path), shardings=shardings)
-    q = params["params"]["layers_1"]["self_attn"]["q_proj"]["kernel"]
-    assert isinstance(q, jax.Array) and q.sharding == shardings["params"]["layers_1"]["self_attn"][
-        "q_proj"]["kernel"]
+    q = params["layers_1"]["self_attn"]["q_proj"]["kernel"]
+    assert isinstance(q, jax.Array) and q.sharding == shardings["layers_1"]["self_attn"]["q_proj"]["kernel"]
     assert tuple(q.sharding.spec) == ("fsdp", "tensor")
     ids, mask = padded_batch(cfg.vocab_size)
-    out = jax.jit(lambda p: L.Llama(cfg).apply(p, jnp.asarray(ids), attention_mask=mask))(params)
+    out = jax.jit(lambda p: L.Llama(cfg).apply({"params": p}, jnp.asarray(ids), attention_mask=mask))(params)
     assert rel_err(out, torch_logits(model, ids, mask), mask) <= 1e-4
 
 
@@ -232,7 +230,7 @@ def test_tied_checkpoint_has_no_lm_head(tmp_path):
     with safe_open(str(tmp_path / "model.safetensors"), framework="numpy") as f:
         assert "lm_head.weight" not in set(f.keys())
     cfg, params = load_llama(str(tmp_path))
-    assert "lm_head" not in params["params"]
+    assert set(params) == {"embed_tokens", "layers_0", "layers_1", "norm"}    # the bare tree, no lm_head
     assert all(key != "lm_head.weight" for _, key, _ in llama_table(cfg))
 
 
@@ -241,7 +239,7 @@ def test_load_bf16_safetensors(tmp_path):
     model.save_pretrained(tmp_path)
     cfg, params = load_llama(str(tmp_path), dtype=jnp.bfloat16)
     assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "bfloat16")
-    emb = params["params"]["embed_tokens"]["embedding"]
+    emb = params["embed_tokens"]["embedding"]
     assert emb.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(emb, np.float32),
                                   model.model.embed_tokens.weight.float().detach().numpy())
@@ -258,7 +256,7 @@ def test_load_pytorch_bin(tmp_path):
             p.unlink()
     cfg, params = load_llama(str(tmp_path))
     ids, mask = padded_batch(cfg.vocab_size)
-    out = L.Llama(cfg).apply(params, jnp.asarray(ids), attention_mask=mask)
+    out = L.Llama(cfg).apply({"params": params}, jnp.asarray(ids), attention_mask=mask)
     assert rel_err(out, torch_logits(model, ids, mask), mask) <= 1e-4
 
 

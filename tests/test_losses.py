@@ -222,27 +222,3 @@ def test_lm_cross_entropy_hand():
     assert float(loss0) == 0.0
     with pytest.raises(InputError):
         losses.lm_cross_entropy(jnp.asarray(logits), jnp.asarray(targets[:, :2]), jnp.asarray(weights))
-
-
-# ---------------------------------------------------------------------------------------------
-# retrieval_metrics
-
-
-def test_retrieval_metrics_hand():
-    sim = np.array([
-        [0.9, 0.1, 0.2, 0.3, 0.0, 0.4],   # positive 0 ranks 1st
-        [0.9, 0.5, 0.8, 0.7, 0.6, 0.0],   # positive 1 ranks 5th (4 negatives above)
-        [0.9, 0.8, 0.7, 0.6, 0.5, 0.1],   # positive 5 ranks 6th
-        [0.1, 0.2, 0.3, 0.9, 0.8, 0.0],   # positives {0, 4}: best (0.8) ranks 2nd
-    ], np.float32)
-    pos = np.zeros((4, 6), bool)
-    pos[0, 0] = pos[1, 1] = pos[2, 5] = pos[3, 0] = pos[3, 4] = True
-    out = losses.retrieval_metrics(jnp.asarray(sim), jnp.asarray(pos))
-    assert float(out["top1"]) == pytest.approx(1 / 4)
-    assert float(out["top5"]) == pytest.approx(3 / 4)
-    assert float(out["retrieval_chance"]) == pytest.approx(1 / 6)
-    assert float(out["positive_rate"]) == pytest.approx((1 + 1 + 1 + 2) / 6 / 4)
-    assert float(out["num_queries"]) == 4
-    # ties count against the query
-    tie = losses.retrieval_metrics(jnp.ones((2, 3)), jnp.eye(2, 3, dtype=bool), ks=(1, 3))
-    assert float(tie["top1"]) == 0.0 and float(tie["top3"]) == 1.0

@@ -1,14 +1,19 @@
-"""Optimizer: the warmup-cosine schedule's values and frozen parameter patterns."""
+"""Optimizer: the warmup-cosine schedule's values, frozen parameter patterns and the optimizer state's
+shardings."""
 from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
+from jax.sharding import PartitionSpec as P
 
-from avi_jax.training.state import make_optimizer, make_schedule, stop_frozen_gradients
+from avi_jax import sharding as mesh_lib
+from avi_jax.training.state import make_optimizer, make_schedule, optimizer_shardings, stop_frozen_gradients
 from configs import common
 
 
@@ -56,3 +61,40 @@ def test_frozen_patterns_get_no_gradient_inside_the_loss():
                   ).lower(params).as_text()
     assert "cosine" not in hlo
     assert stop_frozen_gradients(common.optimizer_config(lr=1e-2, warmup_steps=0), params) is params
+
+
+def _boxed_params():
+    box = lambda shape, names: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, jnp.float32), names)
+    return {"enc": {"conv": {"kernel": box((4, 8), ("embed", "mlp"))},
+                    "proj": {"kernel": box((8, 4), ("mlp", "embed")), "bias": box((4,), ("embed",))}},
+            "scale": jax.ShapeDtypeStruct((6,), jnp.float32)}     # unannotated: replicated
+
+
+@pytest.mark.parametrize("frozen", [(), ("^enc/conv/",)], ids=["adamw", "frozen_patterns"])
+def test_optimizer_state_is_sharded_like_its_parameters(frozen):
+    """Adam's moments take their parameter's sharding through the boxes of the abstract state, also
+    through the masked weight decay and the multi_transform of frozen_patterns; counts are replicated."""
+    mesh = mesh_lib.make_mesh(common.mesh_config(2, 2, 2))
+    cfg = common.optimizer_config(lr=1e-3, warmup_steps=2)
+    cfg.frozen_patterns = frozen
+    tx = make_optimizer(cfg, total_steps=10)
+    boxed = _boxed_params()
+    shardings = optimizer_shardings(tx, boxed, mesh, common.logical_axis_rules())
+    # the structure of the state tx.init builds from the plain parameters
+    state = jax.eval_shape(tx.init, nn.meta.unbox(boxed))
+    assert jax.tree.structure(state) == jax.tree.structure(
+        shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    want = {("enc", "conv", "kernel"): P("fsdp", "tensor"), ("enc", "proj", "kernel"): P("tensor", "fsdp"),
+            ("enc", "proj", "bias"): P("fsdp"), ("scale",): P()}
+    moments = {}
+    for path, sharding in jax.tree_util.tree_flatten_with_path(shardings)[0]:
+        keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+        if "mu" in keys or "nu" in keys:
+            param = keys[keys.index("mu" if "mu" in keys else "nu") + 1:]
+            moments.setdefault(param, []).append(sharding.spec)
+        else:
+            assert sharding.spec == P(), keys          # step counts
+    trained = {k for k in want if not (frozen and k[:2] == ("enc", "conv"))}
+    assert set(moments) == trained
+    for param, specs in moments.items():
+        assert specs == [want[param]] * 2, param        # mu and nu

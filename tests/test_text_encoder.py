@@ -13,7 +13,7 @@ import pytest
 
 from avi_jax.checkpoints import text_encoder as ckpt_te
 from avi_jax.errors import CheckpointError, InputError
-from avi_jax.models import text_encoder as te
+from avi_jax.models import layers, text_encoder as te
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -113,8 +113,10 @@ def test_mean_pool_and_normalize():
     np.testing.assert_allclose(te.mean_pool(h, mask), np.stack([h[0, :2].mean(0), h[1, 0]]))
     np.testing.assert_allclose(te.mean_pool(h, None), h.mean(1))
     np.testing.assert_allclose(te.mean_pool(h, jnp.zeros((2, 3))), 0.0)   # no NaN on empty rows
-    n = te.l2_normalize(jnp.array([[3.0, 4.0], [0.0, 0.0]]))
+    n = layers.l2_normalize(jnp.array([[3.0, 4.0], [0.0, 0.0]]))
     np.testing.assert_allclose(n, [[0.6, 0.8], [0.0, 0.0]])
+    grad = jax.grad(lambda x: layers.l2_normalize(x).sum())(jnp.zeros((1, 3)))
+    assert np.isfinite(np.asarray(grad)).all()                                # finite at the zero vector
 
 
 def test_bert_prefixed_checkpoint_without_pooler(tmp_path):

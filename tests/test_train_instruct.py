@@ -1,4 +1,5 @@
-"""The stage-1 training job end to end on the tiny config: metrics, inference, resume, sharding."""
+"""The stage-1 training job end to end on the tiny config: metrics, inference, resume (sharding:
+tests/test_loop.py)."""
 from __future__ import annotations
 
 import json
@@ -43,17 +44,28 @@ def test_tiny_run_writes_metrics_and_exports(tiny_run):
     assert on_disk["stages"].keys() == {"lm", "align", "tune"}
     for key in ("retrieval_top1", "retrieval_chance", "emotion_accuracy", "tune_loss", "lm_loss"):
         assert key in on_disk and np.isfinite(on_disk[key]), key
-    # 8 eval clips with distinct instructions -> chance is 1/8
+    # 8 eval clips with distinct instructions -> chance is 1/8 (the tiny align stays near chance in its 6
+    # steps: measured top-1 0.125 also after 60 steps; the demo run is where retrieval is above chance)
     assert on_disk["retrieval_chance"] == pytest.approx(1 / 8)
-    assert 0.0 <= on_disk["emotion_accuracy"] <= 1.0
+    assert on_disk["retrieval_queries"] == 8
     for stage in ("lm", "align", "tune"):
         assert os.path.isfile(os.path.join(workdir, stage, "params.safetensors"))
         steps, losses = _losses(workdir, stage)
         assert steps == list(range(1, 7)) and np.all(np.isfinite(losses))
-    # the LM stage learns: the loss goes down over its 6 steps
-    assert _losses(workdir, "lm")[1][-1] < _losses(workdir, "lm")[1][0]
+    # The LM and tune stages learn. Measured on the tiny run: lm train loss 6.24 -> 5.94, held-out lm_loss
+    # 5.95; tune train loss 5.88 -> 5.54, held-out tune_loss 5.59 and token accuracy 0.19 (the most
+    # frequent instruction token alone scores 0.06; an untrained LM about 1/459).
+    lm, tune = _losses(workdir, "lm")[1], _losses(workdir, "tune")[1]
+    assert lm[-1] < lm[0] - 0.15 and on_disk["lm_loss"] < lm[0] - 0.15
+    assert tune[-1] < tune[0] - 0.15 and on_disk["tune_loss"] < tune[0] - 0.15
+    assert on_disk["tune_token_accuracy"] > 0.12
+    # emotion_accuracy is what the written samples say (the emotion named by each generated instruction)
+    from avi_jax.data import instructions
     with open(os.path.join(workdir, "tune", "samples.jsonl")) as f:
-        assert len([json.loads(line) for line in f]) == 8
+        samples = [json.loads(line) for line in f]
+    assert len(samples) == 8 and all(s["emotion"] for s in samples)
+    named = [instructions.emotion_from_text(s["generated"]) == s["emotion"] for s in samples]
+    assert on_disk["emotion_accuracy"] == pytest.approx(np.mean(named))
     assert os.path.isfile(os.path.join(workdir, "config.json"))
 
 
@@ -66,39 +78,26 @@ def test_rerun_of_finished_run_is_a_no_op(tiny_run, data_dir):
 
 
 @pytest.mark.slow
-def test_infer_prints_one_instruction_per_real_recording(tiny_run, shared_fixtures, capsys, tmp_path):
-    from avi_jax import infer
+def test_trained_stage1_describes_real_recordings(tiny_run, shared_fixtures):
+    from avi_jax.assembly.instruct import InstructSetup
+    from avi_jax.assembly.common import load_workdir_config
+    from avi_jax.data.audio import load_audio
     workdir, _ = tiny_run
-    wavs = sorted(str(p) for p in (shared_fixtures / "speech").glob("*.wav"))
-    out = tmp_path / "instructions.jsonl"
-    assert infer.main(["--instruct-workdir", workdir, "--audio", *wavs, "--out", str(out)]) == 0
-    printed = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
-    assert len(printed) == len(wavs)
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["audio"] for r in rows] == wavs
-    assert all(isinstance(r["instruction"], str) for r in rows)
-
-
-def test_infer_on_missing_workdir_is_a_clear_error(tmp_path, capsys):
-    from avi_jax import infer
-    assert infer.main(["--instruct-workdir", str(tmp_path), "--audio", "x.wav"]) == 2
-    assert "config.json" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_mesh_2x2x2_matches_single_device(tmp_path, data_dir):
-    """The same align steps on a (data 2, fsdp 2, tensor 2) mesh of 8 CPU devices and on 1 device."""
-    assert jax.device_count() >= 8, "conftest sets 8 fake CPU devices"
-    results = {}
-    for name, (d, f, t) in {"one": (1, 1, 1), "eight": (2, 2, 2)}.items():
-        config = _config(data_dir, stages=("align",))
-        config.align.total_steps = 3
-        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = d, f, t
-        workdir = str(tmp_path / name)
-        metrics = train_and_evaluate(config, workdir)
-        results[name] = (_losses(workdir, "align")[1], metrics["retrieval_top1"])
-    np.testing.assert_allclose(results["eight"][0], results["one"][0], rtol=1e-5)
-    assert results["eight"][1] == results["one"][1]
+    setup = InstructSetup(load_workdir_config(workdir), workdir, data=False)
+    params = setup.load_trained()
+    waves = [load_audio(p) for p in sorted((shared_fixtures / "speech").glob("*.wav"))]
+    n = max(len(w) for w in waves)
+    audio = np.stack([np.pad(w, (0, n - len(w))) for w in waves])
+    mask = np.arange(n)[None] < np.array([len(w) for w in waves])[:, None]
+    texts = setup.describe(params, audio, mask)
+    assert len(texts) == len(waves)
+    # each instruction is text of the run's LLM vocabulary (decoded with its tokenizer)
+    from transformers import PreTrainedTokenizerFast
+    tok = PreTrainedTokenizerFast.from_pretrained(os.path.join(workdir, "tokenizer"))
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids and tok.unk_token_id not in ids, text
+    assert setup.describe(params, audio[1:2, :len(waves[1])], mask[1:2, :len(waves[1])]) == texts[1:2]
 
 
 def test_paper_config_without_paths_names_the_fields(tmp_path):
@@ -139,7 +138,7 @@ def test_align_precomputes_a_frozen_text_encoder(tmp_path, data_dir):
     from avi_jax import sharding as mesh_lib
     from avi_jax.assembly.instruct import InstructSetup
     from avi_jax.training.instruct import AlignStage
-    from avi_jax.training.loop import device_batch
+    from avi_jax.training.stage import device_batch
     config = _config(data_dir, **{"model.text_encoder.train_in_align": False})
     stage = AlignStage(InstructSetup(config, str(tmp_path)))
     assert "text_encoder" not in stage.trainable

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import jax
 
-from avi_jax.data import builder, pipeline, schema
+from avi_jax.data import builder, demo, pipeline, schema
 from avi_jax.errors import ConfigError
 
 DATA_DIR_HINT = ("a dataset prepared by `python -m avi_jax.data.prepare ...` (ArrayRecord folder)")
@@ -34,15 +34,20 @@ def load_workdir_config(workdir: str, what: str = "a training run's --workdir") 
 
 
 def family_config(config: Any, family: str, workdir: str = "") -> Any:
-    """The ``family`` ('instruct' | 'motion' | 'style') config of a workdir's config: the config itself
-    for a single-family run, ``config[family]`` for the whole system (``configs/avi_talking.py``).
+    """The ``family`` ('instruct' | 'motion' | 'style') config of a run: the config itself for a
+    single-family run, a resolved copy of ``config[family]`` for the whole system
+    (``configs/avi_talking.py``), where the style family's frozen style encoder is the same run's
+    ``motion`` stage (``motion_workdir`` = ``workdir`` unless set).
 
     Raises ``ConfigError`` when the run has no such family.
     """
     if config.get("family") == family:
         return config
     if config.get("family") == "system" and family in config:
-        return config[family]
+        sub = config[family].copy_and_resolve_references()
+        if family == "style" and not sub.get("motion_workdir"):
+            sub.motion_workdir = workdir
+        return sub
     where = os.path.join(workdir, "config.json") if workdir else "config"
     raise ConfigError(f"{where}: a {config.get('family')!r} run has no {family!r} stages")
 
@@ -84,8 +89,8 @@ def dataset_path(config: Any, workdir: str) -> str:
     if config.data.source == "demo":
         out = config.data.dir or os.path.join(workdir, "data")
         d = config.data.demo
-        return builder.prepare_demo(out, seed=int(d.seed), num_speakers=int(d.num_speakers),
-                                    clip_seconds=float(d.clip_seconds))
+        return demo.prepare_demo(out, seed=int(d.seed), num_speakers=int(d.num_speakers),
+                                 clip_seconds=float(d.clip_seconds))
     if config.data.source != "prepared":
         raise ConfigError(f"config.data.source must be 'demo' or 'prepared', got {config.data.source!r}")
     return require_path(config.data.dir, "data.dir", DATA_DIR_HINT)

@@ -119,6 +119,23 @@ class InstructSetup:
         self.max_audio_samples = common.max_audio_samples(config)
         self._prompt_fn = None
 
+    def load_trained(self) -> dict:
+        """Every component of a finished stage 1: what ``tune`` trained from ``<workdir>/tune/
+        params.safetensors``, everything else from where ``tune`` took it (``align``'s export, a Hugging
+        Face folder). Raises ``ConfigError`` when ``tune`` has not finished, ``CheckpointError`` for a
+        missing or mismatched tensor."""
+        import flax.linen as nn
+        if not os.path.isfile(os.path.join(self.workdir, "tune", "params.safetensors")):
+            raise ConfigError(f"{self.workdir}: stage 'tune' has not finished (no tune/params.safetensors)")
+        t_ids, t_mask = self.fixed_templates(1)
+        dummy = (jnp.zeros((1, 16000)), jnp.ones((1, 16000), bool), t_ids, t_mask,
+                 jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool))
+        abstract = nn.meta.unbox(jax.eval_shape(
+            lambda: self.model.init(jax.random.key(0), *dummy, method=Instructor.init_tune)))["params"]
+        trained = tune_trainable(self.config)
+        return {c: self.load(c, "stage:tune" if c in trained else self.source_of("tune", c), abstract[c], None)
+                for c in abstract}
+
     def dataset(self, split: str, *, batch_size: int, train: bool, tokenizers: tuple[str, ...]):
         return common.clip_dataset(
             self.config, self.data_path, split, batch_size=batch_size, train=train,
@@ -154,10 +171,8 @@ class InstructSetup:
                        "llm": (cl.load_llama, m.llm.hf_path)}
             loader, path = loaders[component]
             dtype = jnp.dtype(m.llm.dtype) if component == "llm" else np.float32
-            if component == "llm" and shardings is not None:
-                shardings = {"params": shardings}          # load_llama returns {'params': ...}
             _, params = loader(path, shardings=shardings, dtype=dtype)
-            return params["params"] if set(params) == {"params"} else params
+            return params
         raise ConfigError(f"component {component!r}: unknown source {source!r}")
 
     def describe(self, params: dict, audio: jax.Array, audio_mask: jax.Array,

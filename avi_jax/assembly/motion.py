@@ -134,7 +134,7 @@ class MotionSetup:
             from avi_jax.checkpoints.audio_encoder import load_audio_encoder
             _, params = load_audio_encoder(self.config.model.audio_encoder.hf_path, shardings=shardings,
                                            dtype=np.float32)
-            return params["params"] if set(params) == {"params"} else params
+            return params
         raise ConfigError(f"component {component!r}: unknown source {source!r}")
 
     def init_params(self, rng: jax.Array, batch: dict[str, jax.Array], *, with_statistics: bool = True

@@ -9,6 +9,7 @@ import logging
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +18,7 @@ from avi_jax.assembly import common
 from avi_jax.assembly.common import INIT
 from avi_jax.assembly.motion import load_motion_workdir, motion_params_path, target_motion
 from avi_jax.checkpoints.exported import load_exported
-from avi_jax.data import builder, pipeline, schema
+from avi_jax.data import builder, demo, pipeline, schema
 from avi_jax.data.tokenizer import load_tokenizer, train_word_tokenizer
 from avi_jax.errors import ConfigError
 from avi_jax.models import style_prior as prior_lib
@@ -27,6 +28,7 @@ from avi_jax.models.motion import MotionPrior
 _TEXT_HINT = ("a local Hugging Face text encoder folder: CLIP (e.g. openai/clip-vit-large-patch14, the "
               "authors' choice) or BERT (config.json + model.safetensors + tokenizer files)")
 MOTION_COMPONENTS = ("style_encoder", "normalizer")
+STAGE = "style"   # the stage name: <workdir>/style/params.safetensors
 
 
 def check_motion_workdir(config: Any) -> str:
@@ -75,15 +77,15 @@ class StyleSetup:
             raise ConfigError(f"config.data.max_audio_seconds gives {self.max_frames} reference frames; the "
                               f"style encoder takes at most {self.motion_config.max_style_frames}")
         self._stats = None
-        self._text_fn = jax.jit(self.text_features)
+        self._sample_fn = None
 
     # ---- construction helpers --------------------------------------------------------------
     def _dataset_path(self) -> str:
         c = self.config
         if c.data.source == "demo" and not c.data.dir:
             d = c.data.demo     # the motion run's demo corpus (prepare_demo is idempotent per parameters)
-            return builder.prepare_demo(os.path.join(self.motion_workdir, "data"), seed=int(d.seed),
-                                        num_speakers=int(d.num_speakers), clip_seconds=float(d.clip_seconds))
+            return demo.prepare_demo(os.path.join(self.motion_workdir, "data"), seed=int(d.seed),
+                                     num_speakers=int(d.num_speakers), clip_seconds=float(d.clip_seconds))
         return common.dataset_path(c, self.workdir)
 
     def _tokenizer(self):
@@ -167,8 +169,10 @@ class StyleSetup:
                          float(np.linalg.norm(mean)), scale)
         return self._stats
 
-    def init_params(self, rng: jax.Array, batch: dict[str, jax.Array]) -> dict:
-        """Boxed parameters of every component (``style_norm`` from :meth:`style_statistics`)."""
+    def init_params(self, rng: jax.Array, batch: dict[str, jax.Array], *, with_statistics: bool = True
+                    ) -> dict:
+        """Boxed parameters of every component (``style_norm`` from :meth:`style_statistics`, or
+        placeholders of its shapes without ``with_statistics``)."""
         k_text, k_motion, k_align, k_prior = jax.random.split(rng, 4)
         cfg = self.prior_config
         b = batch["text_ids"].shape[0]
@@ -183,9 +187,34 @@ class StyleSetup:
         if not cfg.no_diffusion:
             z = jnp.zeros((b, cfg.style_dim))
             out["prior"] = prior_lib.DiffusionPrior(cfg).init(k_prior, z, jnp.zeros((b,), jnp.int32), z)["params"]
-        with jax.ensure_compile_time_eval():
-            mean, scale = self.style_statistics()
+        if with_statistics:
+            with jax.ensure_compile_time_eval():
+                mean, scale = self.style_statistics()
+        else:
+            mean, scale = np.zeros((cfg.style_dim,), np.float32), np.float32(1.0)
         out["style_norm"] = prior_lib.style_norm_params(mean, scale)
+        return out
+
+    def load_trained(self) -> dict:
+        """Every component of a finished style stage: ``aligner``, ``prior`` (unless no_diffusion),
+        ``style_norm`` and a seeded-init ``text_encoder`` from ``<workdir>/style/params.safetensors``, a
+        Hugging Face text encoder from its folder, ``style_encoder`` and ``normalizer`` from the motion run.
+
+        Raises ``CheckpointError`` naming the file when it or a tensor is missing.
+        """
+        n = int(self.config.data.max_text_tokens)
+        spec = jax.ShapeDtypeStruct
+        batch = {"text_ids": spec((1, n), jnp.int32), "text_mask": spec((1, n), bool),
+                 "expression": spec((1, 4, schema.N_EXPRESSION), jnp.float32),
+                 "jaw_pose": spec((1, 4, schema.N_JAW), jnp.float32), "coeff_mask": spec((1, 4), bool)}
+        abstract = nn.meta.unbox(jax.eval_shape(
+            lambda r, b: self.init_params(r, b, with_statistics=False), jax.random.key(0), batch))
+        path = os.path.join(self.workdir, STAGE, "params.safetensors")
+        out = {}
+        for component, tree in abstract.items():
+            source = self.source_of(component)
+            out[component] = (load_exported(path, tree, prefix=f"{component}/") if source == INIT
+                              else self.load(component, source, tree, None))
         return out
 
     def source_of(self, component: str) -> str:
@@ -206,22 +235,27 @@ class StyleSetup:
             from avi_jax.checkpoints.text_encoder import load_text_encoder
             _, params = load_text_encoder(self.config.model.text_encoder.hf_path, shardings=shardings,
                                           dtype=np.float32)
-            return params["params"] if set(params) == {"params"} else params
+            return params
         raise ConfigError(f"component {component!r}: unknown source {source!r}")
 
-    def sample(self, params: dict, texts: list[str], rng: jax.Array, *, num_samples: int = 1,
-               batch_size: int = 64) -> np.ndarray:
+    def sample(self, params: dict, texts: list[str], keys: jax.Array, *, num_samples: int = 1) -> np.ndarray:
         """Style embeddings (N, K, D) float32 (raw style space, for the talking generator) for N
-        instruction texts, K = ``num_samples`` each, with ``config.sampler`` (seeded by ``rng``).
-        ``params``: ``text_encoder``, ``aligner``, ``prior`` (unless no_diffusion), ``style_norm``."""
-        ids, mask = self.tokenize(list(texts))
-        out = []
-        for start in range(0, len(texts), batch_size):
-            sl = slice(start, start + batch_size)
-            feats = self._text_fn(params["text_encoder"], ids[sl], mask[sl])
-            out.append(np.asarray(self.sample_features(params, feats, jax.random.fold_in(rng, start),
-                                                       num_samples)))
-        return np.concatenate(out)
+        instruction texts, K = ``num_samples`` each, with ``config.sampler``.
+
+        ``keys``: (N,) PRNG keys, one per text: a text's samples depend only on it and its key, never on
+        the other texts of the call. N is padded to a multiple of 8 (one compilation per padded size).
+        ``params``: ``text_encoder``, ``aligner``, ``prior`` (unless no_diffusion), ``style_norm``.
+        """
+        n = len(texts)
+        pad = (-n) % 8
+        ids, mask = self.tokenize(list(texts) + [texts[0]] * pad)
+        keys = jnp.concatenate([keys, jnp.repeat(keys[:1], pad, 0)]) if pad else keys
+        if self._sample_fn is None:
+            def one(p, feature, key, k):
+                return self.sample_features(p, feature[None], key, k)[0]
+            self._sample_fn = jax.jit(lambda p, i, m, ks, k: jax.vmap(one, (None, 0, 0, None))(
+                p, self.text_features(p["text_encoder"], i, m), ks, k), static_argnums=4)
+        return np.asarray(self._sample_fn(params, ids, mask, keys, int(num_samples)))[:n]
 
     def sample_features(self, params: dict, text: jax.Array, rng: jax.Array, num_samples: int = 1) -> jax.Array:
         """``style_prior.sample_style`` with ``config.sampler``: (B, text_dim) -> (B, K, D) raw styles."""

@@ -18,19 +18,19 @@ from jax.sharding import Mesh
 from avi_jax.checkpoints.convert import Row, build_params, identity, linear
 from avi_jax.checkpoints.hf_folder import HFCheckpoint
 from avi_jax.errors import CheckpointError, ConfigError
-from avi_jax.models.llama import LlamaConfig, abstract_variables
+from avi_jax.models.llama import LlamaConfig, abstract_params
 
 
 def llama_table(config: LlamaConfig) -> list[Row]:
     """Rows ``(flax_path, hf_key, transform)`` for every parameter of ``Llama(config)``.
 
-    Flax paths are relative to the variables dict (they start with ``params/``). Linear weights
+    Flax paths are relative to the params tree (``layers_0/self_attn/q_proj/kernel``). Linear weights
     (out, in) are transposed to kernels (in, out); embeddings and norm weights are copied. With tied
     embeddings there is no ``lm_head.weight`` row (the head reuses ``model.embed_tokens.weight``).
     """
-    rows: list[Row] = [("params/embed_tokens/embedding", "model.embed_tokens.weight", identity)]
+    rows: list[Row] = [("embed_tokens/embedding", "model.embed_tokens.weight", identity)]
     for i in range(config.num_hidden_layers):
-        f, h = f"params/layers_{i}", f"model.layers.{i}"
+        f, h = f"layers_{i}", f"model.layers.{i}"
         rows += [(f"{f}/input_layernorm/scale", f"{h}.input_layernorm.weight", identity),
                  (f"{f}/post_attention_layernorm/scale", f"{h}.post_attention_layernorm.weight", identity)]
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -41,16 +41,16 @@ def llama_table(config: LlamaConfig) -> list[Row]:
             rows.append((f"{f}/mlp/{name}/kernel", f"{h}.mlp.{name}.weight", linear))
             if config.mlp_bias:
                 rows.append((f"{f}/mlp/{name}/bias", f"{h}.mlp.{name}.bias", identity))
-    rows.append(("params/norm/scale", "model.norm.weight", identity))
+    rows.append(("norm/scale", "model.norm.weight", identity))
     if not config.tie_word_embeddings:
-        rows.append(("params/lm_head/kernel", "lm_head.weight", linear))
+        rows.append(("lm_head/kernel", "lm_head.weight", linear))
     return rows
 
 
 def param_shardings(config: LlamaConfig, mesh: Mesh, rules: Any) -> dict:
     """``NamedSharding`` tree (same structure as ``load_llama``'s params) from the logical axis names
     of every weight and logical->mesh ``rules`` (e.g. ``configs.common.logical_axis_rules()``)."""
-    specs = nn.get_partition_spec(abstract_variables(config))
+    specs = nn.get_partition_spec(abstract_params(config))
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
@@ -61,16 +61,16 @@ def load_llama(folder: str, *, shardings: Any | None = None, dtype: Any = np.flo
     Args:
       folder: holds ``config.json`` and ``model.safetensors`` / ``model.safetensors.index.json`` +
         shards / ``pytorch_model.bin`` (+ index). Nothing is downloaded.
-      shardings: optional tree like the returned params (``{'params': ...}``) of
-        ``jax.sharding.Sharding`` (see ``param_shardings``); each tensor is placed on its sharding as
-        soon as it is converted. Without it, leaves are host numpy arrays.
+      shardings: optional tree of ``jax.sharding.Sharding`` shaped like the returned params (see
+        ``param_shardings``); each tensor is placed on its sharding as soon as it is converted. Without
+        it, leaves are host numpy arrays.
       dtype: storage dtype of the weights (e.g. ``np.float32``, ``jnp.bfloat16``); becomes the
         config's ``param_dtype``.
       compute_dtype: the config's ``dtype`` (activations / KV cache); default ``dtype``.
       config_overrides: further ``LlamaConfig`` fields (e.g. ``remat=True``).
 
     Returns:
-      ``(config, params)`` with ``params = {'params': {...}}`` ready for ``Llama(config).apply``.
+      ``(config, params)``: the bare params tree, for ``Llama(config).apply({'params': params}, ...)``.
 
     Raises:
       CheckpointError: missing folder/config/weights, a missing tensor, or a shape that disagrees
@@ -85,7 +85,7 @@ def load_llama(folder: str, *, shardings: Any | None = None, dtype: Any = np.flo
         raise CheckpointError(f"{folder}/config.json: not a LLaMA config ({e!r})") from e
     except ConfigError as e:
         raise ConfigError(f"{folder}/config.json: {e}") from e
-    abstract = nn.meta.unbox(abstract_variables(config))
+    abstract = nn.meta.unbox(abstract_params(config))
     params = build_params(ckpt, llama_table(config), abstract=abstract, shardings=shardings,
                           dtype=dtype, source=folder)
     return config, params

@@ -29,7 +29,7 @@ clip's frame count at 25 fps for N audio samples at 16 kHz:
    smoothed by default (it moves at syllable rate, 3-7 Hz).
 
 Refusals raise :class:`avi_jax.errors.InputError` naming the clip folder (and file); dataset sources turn
-them into :class:`avi_jax.data.builder.Refusal` entries.
+them into :class:`avi_jax.data.records.Refusal` entries.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The MeadText-style instruction language (paper Sec. III-A, IV-A; DESIGN.md §1).
+"""The MeadText-style instruction language (paper Sec. III-A, IV-A).
 
 A visual instruction names an emotion scaled by its intensity and a few facial actions with degree adverbs,
 e.g. "A fairly happy man speaks with lip corner strongly pulled and cheek mildly raised." Facial actions are

@@ -27,7 +27,7 @@ audio and instructions); with it, a clip without EMOCA output is refused.
 **Split** (speaker-disjoint, :data:`DEFAULT_SPLIT`): validation = M007, W011; test = M003, M030, W009, W015;
 train = every other speaker found. Pass ``split={"validation": [...], "test": [...]}`` to change it.
 
-Refused clips (a :class:`avi_jax.data.builder.Refusal` naming the file): unreadable/truncated/empty audio,
+Refused clips (a :class:`avi_jax.data.records.Refusal` naming the file): unreadable/truncated/empty audio,
 no instruction label, missing/NaN/too-incomplete EMOCA output (see :mod:`avi_jax.data.emoca`), unknown
 emotion folders.
 """
@@ -40,8 +40,9 @@ import os
 import re
 from typing import Any, Mapping, Sequence
 
-from avi_jax.data import builder, schema
+from avi_jax.data import builder, corpus, schema
 from avi_jax.data.emoca import CoefficientOptions
+from avi_jax.data.records import Refusal
 from avi_jax.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def _looks_like_jsonl(text: str) -> bool:
         return False
 
 
-def scan(source: str | os.PathLike) -> tuple[list[MeadClip], list[builder.Refusal]]:
+def scan(source: str | os.PathLike) -> tuple[list[MeadClip], list[Refusal]]:
     """Find MEAD clips under ``source`` (``<speaker>/audio/<emotion>/level_<k>/<nnn>.<ext>``).
 
     Returns clips sorted by (speaker, emotion order of ``schema.MEAD_EMOTIONS``, level, index) and
@@ -186,7 +187,7 @@ def scan(source: str | os.PathLike) -> tuple[list[MeadClip], list[builder.Refusa
     if not os.path.isdir(source):
         raise InputError(f"{source}: MEAD folder does not exist")
     clips: list[MeadClip] = []
-    refusals: list[builder.Refusal] = []
+    refusals: list[Refusal] = []
     speakers = sorted(d for d in os.listdir(source)
                       if _SPEAKER_RE.match(d) and os.path.isdir(os.path.join(source, d, "audio")))
     for spk in speakers:
@@ -201,7 +202,7 @@ def scan(source: str | os.PathLike) -> tuple[list[MeadClip], list[builder.Refusa
                 m_level = _LEVEL_RE.match(rel[1]) if len(rel) == 2 else None
                 if (len(rel) != 2 or rel[0] not in schema.MEAD_EMOTIONS or not m_level
                         or int(m_level.group(1)) not in LEVELS or not _INDEX_RE.match(stem)):
-                    refusals.append(builder.Refusal(
+                    refusals.append(Refusal(
                         f"{spk}/{'/'.join(rel)}/{stem}",
                         f"{path}: not in MEAD's layout <speaker>/audio/<emotion>/level_<1..3>/<nnn>{ext} "
                         f"with emotion in {schema.MEAD_EMOTIONS}"))
@@ -250,18 +251,19 @@ def emoca_folder(emoca_root: str, clip: MeadClip) -> str | None:
 
 
 def make_record(clip: MeadClip, labels: Mapping[str, list[str]], labels_path: str, emoca_root: str | None,
-                options: CoefficientOptions = CoefficientOptions()) -> dict | builder.Refusal:
-    """One clip -> a validated record (:func:`builder.validate_record`) or a Refusal naming the file."""
+                options: CoefficientOptions = CoefficientOptions()) -> dict | Refusal:
+    """One clip -> a validated record (:func:`avi_jax.data.records.validate_record`) or a Refusal naming
+    the file."""
     cid = clip.clip_id
     texts = labels.get(cid)
     if not texts:
-        return builder.Refusal(cid, f"{clip.audio_path}: no instruction for clip id {cid} in {labels_path}")
+        return Refusal(cid, f"{clip.audio_path}: no instruction for clip id {cid} in {labels_path}")
     folder = emoca_folder(emoca_root, clip) if emoca_root else None
     if emoca_root and folder is None:
-        return builder.Refusal(cid, f"no EMOCA output for {clip.audio_path} under {emoca_root} "
+        return Refusal(cid, f"no EMOCA output for {clip.audio_path} under {emoca_root} "
                                     f"(looked for {cid}/ and {clip.speaker}/{clip.emotion}/"
                                     f"level_{clip.level}/{clip.index:03d}/)")
-    return builder.clip_record(cid, clip.audio_path, {"speaker": clip.speaker, "emotion": clip.emotion,
+    return corpus.clip_record(cid, clip.audio_path, {"speaker": clip.speaker, "emotion": clip.emotion,
                                                       "intensity": clip.level, "instructions": texts},
                                folder, options)
 
@@ -269,7 +271,7 @@ def make_record(clip: MeadClip, labels: Mapping[str, list[str]], labels_path: st
 def mead_source(source: str | os.PathLike, labels: str | os.PathLike, emoca_root: str | os.PathLike | None = None,
                 *, split: Mapping[str, Sequence[str]] = DEFAULT_SPLIT,
                 options: CoefficientOptions = CoefficientOptions(), workers: int = 1
-                ) -> tuple[dict[str, builder.SizedStream | list], dict[str, Any]]:
+                ) -> tuple[dict[str, corpus.SizedStream | list], dict[str, Any]]:
     """The ClipDataset source of a MEAD tree: ``({split: lazy records/refusals}, info)``.
 
     ``info`` holds the fingerprint inputs (clips per split, speakers per split, the label file, options).
@@ -298,9 +300,9 @@ def mead_source(source: str | os.PathLike, labels: str | os.PathLike, emoca_root
     for s in builder.SPLITS:
         items = by_split.get(s, [])
         if s == "train" and layout_refusals:
-            out[s] = builder.SizedChain(layout_refusals, builder.SizedStream(items, fn, workers))
+            out[s] = corpus.SizedChain(layout_refusals, corpus.SizedStream(items, fn, workers))
         elif items:
-            out[s] = builder.SizedStream(items, fn, workers)
+            out[s] = corpus.SizedStream(items, fn, workers)
     info = {
         "kind": "meadtext", "source": os.path.abspath(source), "labels": os.path.abspath(labels),
         "emoca": os.path.abspath(emoca_root) if emoca_root else None,
@@ -308,7 +310,7 @@ def mead_source(source: str | os.PathLike, labels: str | os.PathLike, emoca_root
         "speakers": {s: sorted({c.speaker for c in v}) for s, v in by_split.items()},
         "options": dataclasses.asdict(options),
     }
-    info["fingerprint"] = builder.fingerprint(
+    info["fingerprint"] = corpus.fingerprint(
         {k: v for k, v in info.items() if k != "speakers"}, [c.clip_id for c in clips],
         files=[c.audio_path for c in clips] + [labels], root=source)
     return out, info

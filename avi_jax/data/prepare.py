@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     real(r)
 
     mf = sub.add_parser("manifest", help="a bring-your-own JSONL manifest")
-    common(mf, "the JSONL manifest (see avi_jax.data.builder.read_manifest)")
+    common(mf, "the JSONL manifest (see avi_jax.data.manifest.read_manifest)")
 
     d = sub.add_parser("demo", help="the synthetic demo corpus")
     common(d, None)
@@ -130,11 +130,13 @@ def run(args: argparse.Namespace):
     """Prepare what ``args`` asks for; returns a :class:`avi_jax.data.builder.PrepareResult`."""
     from avi_jax.data import builder
     if args.command == "demo":
-        path = builder.prepare_demo(args.out, seed=args.seed, num_speakers=args.num_speakers,
-                                    clip_seconds=args.clip_seconds)
+        from avi_jax.data.demo import prepare_demo
+        path = prepare_demo(args.out, seed=args.seed, num_speakers=args.num_speakers,
+                            clip_seconds=args.clip_seconds)
         return builder.read_result(path, False)
     if args.command == "manifest":
-        path = builder.prepare_manifest(args.source, args.out)
+        from avi_jax.data.manifest import prepare_manifest
+        path = prepare_manifest(args.source, args.out)
         return builder.read_result(path, args.strict)
     if args.command == "meadtext":
         from avi_jax.data import mead

@@ -38,8 +38,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from avi_jax.data import builder, instructions, schema
+from avi_jax.data import builder, corpus, instructions, schema
 from avi_jax.data.emoca import CoefficientOptions
+from avi_jax.data.records import Refusal
 from avi_jax.data.mead import load_labels
 from avi_jax.errors import ConfigError, InputError
 
@@ -119,7 +120,7 @@ class RavdessClip:
         return self.name.clip_id
 
 
-def scan(source: str | os.PathLike) -> tuple[list[RavdessClip], list[builder.Refusal], int]:
+def scan(source: str | os.PathLike) -> tuple[list[RavdessClip], list[Refusal], int]:
     """Find RAVDESS speech clips under ``source`` (recursively).
 
     Returns (clips sorted by actor, emotion, intensity, statement, repetition; refusals for wav/mp4 files
@@ -134,7 +135,7 @@ def scan(source: str | os.PathLike) -> tuple[list[RavdessClip], list[builder.Ref
         raise InputError(f"{source}: RAVDESS folder does not exist")
     found: dict[str, dict[int, str]] = {}
     names: dict[str, RavdessName] = {}
-    refusals: list[builder.Refusal] = []
+    refusals: list[Refusal] = []
     songs = 0
     for dirpath, _, files in os.walk(source):
         for fname in files:
@@ -145,7 +146,7 @@ def scan(source: str | os.PathLike) -> tuple[list[RavdessClip], list[builder.Ref
             try:
                 r = parse_name(fname)
             except InputError as e:
-                refusals.append(builder.Refusal(stem, str(e).replace(fname, path, 1)))
+                refusals.append(Refusal(stem, str(e).replace(fname, path, 1)))
                 continue
             if r.vocal != 1:
                 songs += 1
@@ -199,20 +200,20 @@ def prototype_instructions(name: RavdessName, n: int = INSTRUCTIONS_PER_CLIP) ->
 
 def make_record(clip: RavdessClip, labels: Mapping[str, list[str]] | None, labels_path: str | None,
                 emoca_root: str | None, options: CoefficientOptions = CoefficientOptions()
-                ) -> dict | builder.Refusal:
+                ) -> dict | Refusal:
     """One clip -> a validated record or a Refusal naming the file."""
     cid = clip.clip_id
     if labels is not None:
         texts = labels.get(cid)
         if not texts:
-            return builder.Refusal(cid, f"{clip.audio_path}: no instruction for clip id {cid} in {labels_path}")
+            return Refusal(cid, f"{clip.audio_path}: no instruction for clip id {cid} in {labels_path}")
     else:
         texts = prototype_instructions(clip.name)
     folder = emoca_folder(emoca_root, clip.name) if emoca_root else None
     if emoca_root and folder is None:
-        return builder.Refusal(cid, f"no EMOCA output for {clip.audio_path} under {emoca_root} "
+        return Refusal(cid, f"no EMOCA output for {clip.audio_path} under {emoca_root} "
                                     f"(looked for {clip.name.stem(1)}/, {clip.name.stem(2)}/, {cid}/)")
-    return builder.clip_record(cid, clip.audio_path, {
+    return corpus.clip_record(cid, clip.audio_path, {
         "speaker": f"Actor_{clip.name.actor:02d}", "emotion": clip.name.emotion,
         "intensity": clip.name.intensity, "instructions": texts}, folder, options)
 
@@ -253,9 +254,9 @@ def ravdess_source(source: str | os.PathLike, emoca_root: str | os.PathLike | No
     out: dict[str, Any] = {}
     for s in builder.SPLITS:
         items = by_split.get(s, [])
-        stream = builder.SizedStream(items, fn, workers)
+        stream = corpus.SizedStream(items, fn, workers)
         if s == "train" and name_refusals:
-            out[s] = builder.SizedChain(name_refusals, stream)
+            out[s] = corpus.SizedChain(name_refusals, stream)
         elif items:
             out[s] = stream
     info = {
@@ -267,7 +268,7 @@ def ravdess_source(source: str | os.PathLike, emoca_root: str | os.PathLike | No
         "actors": {s: sorted({c.name.actor for c in v}) for s, v in by_split.items()},
         "song_files_ignored": songs, "options": dataclasses.asdict(options),
     }
-    info["fingerprint"] = builder.fingerprint(
+    info["fingerprint"] = corpus.fingerprint(
         {k: v for k, v in info.items() if k != "actors"}, [c.clip_id for c in clips],
         files=[c.audio_path for c in clips] + ([labels_path] if labels_path else []), root=source)
     return out, info

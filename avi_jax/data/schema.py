@@ -1,6 +1,6 @@
 """The record schema shared by every dataset (demo corpus, manifests, MEAD/MeadText, RAVDESS).
 
-One record is one clip. Facts (paper Sec. III-A, IV-A; DESIGN.md §1): audio is 16 kHz mono, stored as
+One record is one clip. Facts (paper Sec. III-A, IV-A): audio is 16 kHz mono, stored as
 int16 PCM; FLAME coefficients are at 25 fps (640 audio samples per frame): expression psi (T, 50) and
 jaw pose (T, 3, axis-angle radians). A clip without coefficients stores T = 0 rows and
 ``has_coefficients = False``.

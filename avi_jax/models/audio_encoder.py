@@ -22,6 +22,10 @@ with ``dim=2`` (one magnitude per kernel tap). We keep both parameters, ``weight
 ``weight_v`` (direction), and form the kernel ``w = g * v / ||v||`` (norm over the in/out channel axes)
 inside the module, so fine-tuning follows the same parametrisation as PyTorch.
 
+Padding: with an ``attention_mask`` a clip's valid frames do not depend on its right padding or its
+batch mates (DESIGN.md Sec. 4): the group-norm conv layer takes masked statistics, unlike transformers,
+whose GroupNorm normalises over the padded length (see ``AudioEncoder.__call__``).
+
 Not implemented (eval-time no-ops): SpecAugment time/feature masking, LayerDrop, and dropout on the
 attention probabilities (``attention_dropout``; ``layers.dot_product_attention`` has no dropout).
 Hidden/activation/feature-projection dropouts apply when ``deterministic=False``.
@@ -263,19 +267,32 @@ def _conv_kernel_init(fan_in_axes: Sequence[int] = (0, 1)):
 
 
 class _ChannelGroupNorm(nn.Module):
-    """``torch.nn.GroupNorm(C, C)`` on (B, T, C): each channel normalised over time (biased variance)."""
+    """``torch.nn.GroupNorm(C, C)`` on (B, T, C): each channel normalised over time (biased variance).
+
+    With ``valid`` (B, T) bool the mean and variance of each example are taken over its valid frames
+    only (frames computed from real samples), so right padding does not change the statistics: the
+    valid frames come out exactly as for the unpadded clip alone. Without it (or with an all-True
+    ``valid``) this is torch's GroupNorm over the whole time axis. Transformers' GroupNorm layer has no
+    mask and normalises over the padded length; see :class:`AudioEncoder` for this deliberate deviation.
+    """
     eps: float = _TORCH_NORM_EPS
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
         c = x.shape[-1]
         ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
         zeros = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",))
         scale = self.param("scale", ones, (c,))
         bias = self.param("bias", zeros, (c,))
         xf = x.astype(jnp.float32)
-        mean = xf.mean(axis=1, keepdims=True)
-        var = jnp.square(xf - mean).mean(axis=1, keepdims=True)
+        if valid is None:
+            mean = xf.mean(axis=1, keepdims=True)
+            var = jnp.square(xf - mean).mean(axis=1, keepdims=True)
+        else:
+            m = valid[:, :, None]
+            n = jnp.maximum(jnp.sum(m, axis=1, keepdims=True, dtype=jnp.float32), 1.0)
+            mean = jnp.sum(jnp.where(m, xf, 0.0), axis=1, keepdims=True) / n
+            var = jnp.sum(jnp.where(m, jnp.square(xf - mean), 0.0), axis=1, keepdims=True) / n
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
         return y.astype(x.dtype)
 
@@ -294,7 +311,9 @@ class _ConvLayer(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+        """(B, N, C_in) -> (B, T, features); ``valid`` (B, T) bool: output frames computed from real
+        samples only (used by the GroupNorm's statistics)."""
         x = nn.Conv(
             self.features, (self.kernel_size,), strides=(self.stride,), padding="VALID",
             use_bias=self.use_bias, dtype=self.dtype,
@@ -302,7 +321,7 @@ class _ConvLayer(nn.Module):
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
             name="conv")(x)
         if self.norm == "group":
-            x = _ChannelGroupNorm(name="layer_norm")(x)
+            x = _ChannelGroupNorm(name="layer_norm")(x, valid)
         elif self.norm == "layer":
             x = layers.LayerNorm(_TORCH_NORM_EPS, dtype=self.dtype, name="layer_norm")(x)
         return layers.activation(self.act)(x)
@@ -312,21 +331,34 @@ class FeatureEncoder(nn.Module):
     """Strided conv stack on the waveform (``HubertFeatureEncoder``).
 
     (B, N) float samples -> (B, T, conv_dim[-1]) with ``T = feature_lengths(config, N)``.
+
+    ``num_samples`` (B,) int, optional: real (unpadded) samples per row. Each layer's VALID conv reads
+    only earlier frames, and its frame ``t`` is computed from real samples iff
+    ``t < (L - kernel) // stride + 1`` for the ``L`` real input frames, so the real frames of every
+    layer never read a padded one; only the first layer's GroupNorm (``feat_extract_norm='group'``)
+    mixes frames, and it takes its statistics over the real frames only. Frames past the real ones
+    are left as computed (the caller masks them).
     """
     config: AudioEncoderConfig
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_values: jax.Array) -> jax.Array:
+    def __call__(self, input_values: jax.Array, num_samples: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         x = input_values[..., None].astype(self.dtype)      # (B, N, 1): NWC
+        lengths = num_samples
         for i, (dim, k, s) in enumerate(zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride)):
             if cfg.feat_extract_norm == "layer":
                 norm = "layer"
             else:
                 norm = "group" if i == 0 else None
+            valid = None
+            if lengths is not None:
+                lengths = jnp.maximum((lengths - k) // s + 1, 0)
+                t = (x.shape[1] - k) // s + 1
+                valid = jnp.arange(t)[None, :] < lengths[:, None]
             x = _ConvLayer(dim, k, s, cfg.conv_bias, norm, cfg.feat_extract_activation,
-                           dtype=self.dtype, name=f"conv_layers_{i}")(x)
+                           dtype=self.dtype, name=f"conv_layers_{i}")(x, valid)
         return x
 
 
@@ -467,11 +499,19 @@ class AudioEncoder(nn.Module):
           input_values: (B, N) float, 16 kHz mono samples in [-1, 1]; with ``config.do_normalize`` they
             are normalised here (:func:`normalize_waveform`), as the checkpoint's feature extractor does.
           attention_mask: optional (B, N) bool or int, 1 at real samples; right padding assumed (only
-            the per-row count of real samples is used, as in HF). When given, padded frames are zeroed
-            before the positional conv and masked as attention keys, as in HF. With
-            ``feat_extract_norm='group'`` the first-layer GroupNorm still normalises over the whole
-            padded length (as in HF), so a padded clip's frames differ slightly from an unpadded run;
-            HF feature extractors of such checkpoints pass no mask.
+            the per-row count of real samples is used, as in HF). When given, a row's valid frames
+            (``feature_mask``) equal those of its clip run alone without padding, whatever the batch
+            and the padding hold: padded samples are zeroed (and left out of ``do_normalize``'s
+            statistics), the group-norm conv layer takes its statistics over the real frames only,
+            frames past the real ones are zeroed before the positional conv (as the unpadded clip's
+            'same' zero padding sees them) and masked as attention keys.
+
+            Deliberate deviation from transformers for ``feat_extract_norm='group'`` (HuBERT-base,
+            Wav2Vec2-base): HF's first-layer GroupNorm has no mask and normalises over the whole padded
+            length, so there a padded clip's features depend on the padding (HF's docs say to feed such
+            models unpadded, without attention mask). We make padding harmless instead: with a mask our
+            outputs match HF run on each clip unpadded; without a mask (or with no padding) they match
+            HF exactly. The layer-norm conv variant matches HF with or without padding.
           deterministic: False enables dropout (needs a 'dropout' rng).
           output_hidden_states: also return the L + 1 per-layer hidden states.
 
@@ -493,12 +533,19 @@ class AudioEncoder(nn.Module):
         if attention_mask is not None and attention_mask.shape != input_values.shape:
             raise InputError(f"attention_mask shape {attention_mask.shape} differs from input_values "
                              f"shape {input_values.shape}")
+        num_samples = None
+        if attention_mask is not None:
+            num_samples = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
+            real = jnp.arange(input_values.shape[1])[None, :] < num_samples[:, None]
+            input_values = jnp.where(real, input_values, jnp.zeros((), input_values.dtype))
+            attention_mask = real
         if cfg.do_normalize:
             input_values = normalize_waveform(input_values, attention_mask)
-        features = FeatureEncoder(cfg, dtype=self.dtype, name="feature_extractor")(input_values)
+        features = FeatureEncoder(cfg, dtype=self.dtype, name="feature_extractor")(
+            input_values, num_samples)
         b, t = features.shape[:2]
         if attention_mask is not None:
-            lengths = feature_lengths(cfg, jnp.sum(attention_mask.astype(jnp.int32), axis=-1))
+            lengths = feature_lengths(cfg, num_samples)
             valid = jnp.arange(t)[None, :] < lengths[:, None]
         else:
             valid = None

@@ -143,12 +143,6 @@ def q_posterior(schedule: NoiseSchedule, x0: jax.Array, x_t: jax.Array, t: jax.A
     return mean, _at(schedule.posterior_variance, t, x_t)
 
 
-def eps_from_x0(schedule: NoiseSchedule, x_t: jax.Array, t: jax.Array, x0: jax.Array) -> jax.Array:
-    """The noise implied by an x0 prediction: ``(x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)``."""
-    abar = schedule.alphas_cumprod
-    return (x_t - _at(np.sqrt(abar), t, x_t) * x0) / _at(np.sqrt(1.0 - abar), t, x_t)
-
-
 def sample_timesteps(rng: jax.Array, batch: int, num_timesteps: int) -> jax.Array:
     """Training timesteps, uniform over ``[0, T)``: (batch,) int32."""
     return jax.random.randint(rng, (batch,), 0, num_timesteps, dtype=jnp.int32)
@@ -305,5 +299,5 @@ def sample(denoise: Denoiser, args: Any, rng: jax.Array, shape: tuple[int, ...],
     raise ConfigError(f"unknown sampler {method!r}; expected 'ddpm' or 'ddim'")
 
 
-__all__ = ["NoiseSchedule", "make_schedule", "q_sample", "q_posterior", "eps_from_x0", "sample_timesteps",
+__all__ = ["NoiseSchedule", "make_schedule", "q_sample", "q_posterior", "sample_timesteps",
            "x0_mse", "x0_loss", "Guided", "ddpm_sample", "ddim_timesteps", "ddim_sample", "sample", "SCHEDULES"]

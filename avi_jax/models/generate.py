@@ -103,7 +103,7 @@ def generate(model: Llama, params, *, inputs_embeds: jax.Array | None = None,
 
     Args:
       model: a ``Llama``; only its (hashable) ``config`` is used, so compiled functions are shared.
-      params: ``{'params': ...}`` (possibly sharded).
+      params: the variables ``{'params': params}`` as for ``model.apply`` (possibly sharded).
       inputs_embeds: (B, L, E) prompt embeddings (soft prompt), or
       input_ids: (B, L) int prompt ids; exactly one of the two.
       attention_mask: (B, L) bool, True = real token; left padding (or right padding: generation

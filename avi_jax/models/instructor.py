@@ -6,8 +6,9 @@ speech (16 kHz) -> HuBERT (frozen) -> features (50 Hz) -> Q-Former (q_a learnabl
   sentence feature of the instruction by symmetric InfoNCE (Eq. 6) — ``Instructor.align``.
 * stage ``tune`` (1b): a linear projection maps the audio tokens into the frozen LLaMA's embedding
   space as a soft prompt; prompt = BOS + audio tokens + an instruction template, and the LLM is trained
-  (through the projection only) to continue with the instruction — ``Instructor.soft_prompt`` +
-  ``Instructor.lm`` with ``assemble_sequence``.
+  (through the projection only) to continue with the instruction — ``Instructor.soft_prompt``, then
+  ``Instructor.prompt`` (BOS + soft prompt + template, left-packed) and
+  ``Instructor.continuation_logits`` (teacher forcing).
 
 Parameters are a dict of components ``audio_encoder``, ``qformer``, ``text_encoder``, ``llm_proj`` and
 ``llm``; a method creates only the components it touches, so each stage initialises just what it uses.
@@ -67,7 +68,8 @@ class Instructor(nn.Module):
         if cfg.text is not None:
             self.text_encoder = BertEncoder(cfg.text)
         if cfg.llm is not None:
-            self.llm_proj = layers.Dense(cfg.llm.hidden_size, ("embed", "mlp"), name="llm_proj")
+            # Q-Former width -> the LLM's embedding width: the output is sharded like the LLM's ``embed``.
+            self.llm_proj = layers.Dense(cfg.llm.hidden_size, (None, "embed"), name="llm_proj")
             self.llm = Llama(cfg.llm)
 
     def audio_features(self, audio: jax.Array, audio_mask: jax.Array) -> tuple[jax.Array, jax.Array]:

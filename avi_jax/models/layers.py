@@ -1,4 +1,5 @@
-"""Building blocks shared by every model: logically partitioned dense/norm layers and attention.
+"""Building blocks shared by every model: logically partitioned dense/norm layers, attention, the pre-LN
+transformer block and L2 normalisation.
 
 Every parameter carries logical axis names (``nn.with_logical_partitioning``); the mapping of logical
 names to mesh axes lives in ``configs/common.py`` (``logical_axis_rules``). Logical names used here:
@@ -160,3 +161,50 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     if name not in table:
         raise ValueError(f"unsupported hidden_act {name!r}; expected one of {sorted(table)}")
     return table[name]
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """``x / max(||x||_2, eps)`` over the last axis (PyTorch ``F.normalize``), computed and returned in
+    float32; shape kept. The rsqrt of the clamped squared norm keeps gradients finite for an all-zero
+    vector (whose output is zero)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN, non-causal transformer encoder block (GPT-2 / ViT layout) of the motion prior's style
+    encoder and talking generator and of the diffusion prior:
+    ``x + Dropout(MHA(LN(x)))``, then ``x + Dropout(Dense(GELU(Dense(LN(x)))))``.
+
+    Submodules ``attention_norm``, ``attention`` (``MultiHeadAttention``, ``num_heads * head_dim`` wide,
+    projected back to the input width), ``mlp_norm``, ``mlp_in`` (-> ``mlp_dim``, logical ``mlp``),
+    ``mlp_out``. Exact (erf) GELU.
+
+    Attributes:
+      num_heads, head_dim: attention heads and their width.
+      mlp_dim: feed-forward hidden width.
+      dropout: rate on the attention and MLP outputs (only when ``deterministic=False``).
+      layer_norm_eps: LayerNorm epsilon.
+    """
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+                 deterministic: bool = True) -> jax.Array:
+        """x (B, T, E) -> (B, T, E); mask bool broadcastable to (B, H, T, T), True = may attend (None:
+        all)."""
+        width = x.shape[-1]
+        drop = nn.Dropout(self.dropout)
+        h = LayerNorm(self.layer_norm_eps, name="attention_norm")(x)
+        h = MultiHeadAttention(self.num_heads, self.head_dim, out_features=width,
+                               name="attention")(h, mask=mask)
+        x = x + drop(h, deterministic=deterministic)
+        h = LayerNorm(self.layer_norm_eps, name="mlp_norm")(x)
+        h = Dense(self.mlp_dim, ("embed", "mlp"), name="mlp_in")(h)
+        h = activation("gelu")(h)
+        h = Dense(width, ("mlp", "embed"), name="mlp_out")(h)
+        return x + drop(h, deterministic=deterministic)

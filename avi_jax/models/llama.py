@@ -422,12 +422,15 @@ class Llama(nn.Module):
 
 
 def init_params(config: LlamaConfig, rng: jax.Array, *, unbox: bool = True) -> dict:
-    """Random ``{'params': ...}`` for ``Llama(config)`` (normal(0.02) weights, unit norms)."""
+    """Random parameters (the bare tree, as ``load_llama`` returns) for ``Llama(config)``: normal(0.02)
+    weights, unit norms. Use as ``Llama(config).apply({'params': params}, ...)``."""
     variables = jax.jit(Llama(config).init)(rng, jnp.zeros((1, 1), jnp.int32))
-    return nn.meta.unbox(variables) if unbox else variables
+    return nn.meta.unbox(variables["params"]) if unbox else variables["params"]
 
 
-def abstract_variables(config: LlamaConfig) -> dict:
-    """``jax.eval_shape`` of ``init_params``, boxed (``nn.Partitioned`` leaves carrying the logical
-    axis names; use ``nn.get_partition_spec`` / ``nn.meta.unbox``). Nothing is allocated."""
-    return jax.eval_shape(lambda: Llama(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
+def abstract_params(config: LlamaConfig) -> dict:
+    """``jax.eval_shape`` of ``init_params(..., unbox=False)``: the bare params tree with boxed leaves
+    (``nn.Partitioned`` carrying the logical axis names; use ``nn.get_partition_spec`` /
+    ``nn.meta.unbox``). Nothing is allocated."""
+    return jax.eval_shape(
+        lambda: Llama(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])

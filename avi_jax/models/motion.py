@@ -35,13 +35,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from avi_jax.data import schema
 from avi_jax.errors import ConfigError, InputError
 from avi_jax.models import layers
 from avi_jax.models.audio_encoder import AudioEncoder, AudioEncoderConfig
 
-MOTION_DIM = schema.N_EXPRESSION + schema.N_JAW   # 53
-JAW_OPEN = schema.N_EXPRESSION                     # index of jaw_pose[..., 0] (opening) in the motion vector
+# The motion vector per 25 fps frame of 16 kHz speech: the clip records' layout (``avi_jax.data.schema``,
+# which models do not import; tests/test_motion.py checks that the two agree).
+N_EXPRESSION = 50                  # FLAME expression coefficients
+N_JAW = 3                          # jaw pose, axis-angle (radians)
+MOTION_DIM = N_EXPRESSION + N_JAW  # 53
+JAW_OPEN = N_EXPRESSION            # index of jaw_pose[..., 0] (opening) in the motion vector
+SAMPLES_PER_FRAME = 640            # 16 kHz audio samples per 25 fps frame
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +90,10 @@ class MotionConfig:
                 raise ConfigError(f"{name}_dim {dim} is not a multiple of {name}_heads {heads}")
         if self.content_kernel < 1 or self.content_kernel % 2 == 0:
             raise ConfigError(f"content_kernel must be odd and >= 1, got {self.content_kernel}")
-        if self.audio.downsample * 2 != schema.SAMPLES_PER_FRAME:
+        if self.audio.downsample * 2 != SAMPLES_PER_FRAME:
             raise ConfigError(
                 f"the audio encoder gives one feature per {self.audio.downsample} samples; the content "
-                f"encoder needs 2 per 25 fps frame (one per {schema.SAMPLES_PER_FRAME // 2} samples)")
+                f"encoder needs 2 per 25 fps frame (one per {SAMPLES_PER_FRAME // 2} samples)")
 
     @classmethod
     def paper(cls, audio: AudioEncoderConfig | None = None, **overrides: Any) -> MotionConfig:
@@ -131,28 +135,7 @@ def sinusoidal_positions(length: int, dim: int) -> jax.Array:
 def frame_mask_from_audio(audio_mask: jax.Array, num_frames: int) -> jax.Array:
     """(B, N) bool sample mask -> (B, F) bool: frame f is real when sample ``640 f`` is (right padding)."""
     n = jnp.sum(audio_mask.astype(jnp.int32), axis=-1)
-    return jnp.arange(num_frames)[None, :] * schema.SAMPLES_PER_FRAME < n[:, None]
-
-
-class TransformerLayer(nn.Module):
-    """Pre-LN transformer encoder layer: x + MHA(LN(x)), then x + MLP(LN(x)) (GELU)."""
-    dim: int
-    heads: int
-    mlp: int
-    dropout: float = 0.0
-
-    @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool = True) -> jax.Array:
-        """x (B, T, D); mask bool broadcastable to (B, H, T, T) (True = may attend)."""
-        drop = nn.Dropout(self.dropout)
-        h = layers.LayerNorm(1e-5, name="attention_norm")(x)
-        h = layers.MultiHeadAttention(self.heads, self.dim // self.heads, name="attention")(h, mask=mask)
-        x = x + drop(h, deterministic=deterministic)
-        h = layers.LayerNorm(1e-5, name="mlp_norm")(x)
-        h = layers.Dense(self.mlp, ("embed", "mlp"), name="mlp_in")(h)
-        h = layers.activation("gelu")(h)
-        h = layers.Dense(self.dim, ("mlp", "embed"), name="mlp_out")(h)
-        return x + drop(h, deterministic=deterministic)
+    return jnp.arange(num_frames)[None, :] * SAMPLES_PER_FRAME < n[:, None]
 
 
 class ContentEncoder(nn.Module):
@@ -214,8 +197,8 @@ class StyleEncoder(nn.Module):
         x = x + sinusoidal_positions(s, cfg.style_dim)[None]
         attn_mask = layers.key_padding_mask(mask)
         for i in range(cfg.style_layers):
-            x = TransformerLayer(cfg.style_dim, cfg.style_heads, cfg.style_mlp, cfg.dropout,
-                                 name=f"layers_{i}")(x, attn_mask, deterministic)
+            x = layers.TransformerBlock(cfg.style_heads, cfg.style_dim // cfg.style_heads, cfg.style_mlp,
+                                        cfg.dropout, name=f"layers_{i}")(x, attn_mask, deterministic)
         x = layers.LayerNorm(1e-5, name="norm")(x)
         # Attention pooling: softmax over the valid frames of a learned score.
         score = layers.Dense(1, ("embed", None), name="pool_score")(
@@ -244,8 +227,8 @@ class TalkingGenerator(nn.Module):
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         attn_mask = layers.key_padding_mask(frame_mask)
         for i in range(cfg.gen_layers):
-            x = TransformerLayer(cfg.gen_dim, cfg.gen_heads, cfg.gen_mlp, cfg.dropout,
-                                 name=f"layers_{i}")(x, attn_mask, deterministic)
+            x = layers.TransformerBlock(cfg.gen_heads, cfg.gen_dim // cfg.gen_heads, cfg.gen_mlp,
+                                        cfg.dropout, name=f"layers_{i}")(x, attn_mask, deterministic)
         x = layers.LayerNorm(1e-5, name="norm")(x)
         return layers.Dense(cfg.motion_dim, ("embed", None), kernel_init=nn.initializers.zeros_init(),
                             name="out")(x)
@@ -299,11 +282,14 @@ class MotionPrior(nn.Module):
 
         Raises ``InputError`` when N < 640 (no whole frame).
         """
-        f = audio.shape[1] // schema.SAMPLES_PER_FRAME
+        f = audio.shape[1] // SAMPLES_PER_FRAME
         if f < 1:
             raise InputError(f"audio of {audio.shape[1]} samples is shorter than one 25 fps frame "
-                             f"({schema.SAMPLES_PER_FRAME} samples)")
-        feats, _ = self.audio_features(audio, audio_mask)
+                             f"({SAMPLES_PER_FRAME} samples)")
+        feats, feature_mask = self.audio_features(audio, audio_mask)
+        # features of padding are zeroed: a clip's frames then equal those of the clip alone, whose
+        # missing last feature (an odd feature count) the content encoder pads with zeros
+        feats = jnp.where(feature_mask[..., None], feats, 0.0)
         frame_mask = frame_mask_from_audio(audio_mask, f)
         return self.content_encoder(feats, frame_mask, deterministic), frame_mask
 

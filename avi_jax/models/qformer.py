@@ -150,13 +150,6 @@ class QFormerLayer(nn.Module):
             x + drop(h, deterministic=deterministic))
 
 
-def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||, eps) over the last axis in float32 (PyTorch ``F.normalize``)."""
-    x = x.astype(jnp.float32)
-    # rsqrt of the clamped squared norm: finite gradients even for an all-zero vector
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
-
-
 class QFormer(nn.Module):
     """BLIP-2 Q-Former with the stage-1a contrastive heads (paper Sec. III-C, Eq. 6).
 
@@ -235,7 +228,7 @@ class QFormer(nn.Module):
 
         BLIP-2 ``image_feats = F.normalize(vision_proj(query_output), dim=-1)``.
         """
-        return _l2_normalize(self.audio_proj(self(audio_features, audio_mask, deterministic)))
+        return layers.l2_normalize(self.audio_proj(self(audio_features, audio_mask, deterministic)))
 
     def embed_text(self, text_features: jax.Array) -> jax.Array:
         """(B, W) frozen text-encoder [CLS] feature -> (B, embed_dim) float32, unit L2 norm.
@@ -249,7 +242,7 @@ class QFormer(nn.Module):
         if text_features.ndim != 2:
             raise InputError(f"Q-Former text_features must be (B, W) [CLS] features, got shape "
                              f"{text_features.shape}")
-        return _l2_normalize(self.text_proj(text_features.astype(self.dtype)))
+        return layers.l2_normalize(self.text_proj(text_features.astype(self.dtype)))
 
     def temperature(self) -> jax.Array:
         """The learnable scalar temperature () float32, unclamped (``losses.info_nce`` clamps it)."""

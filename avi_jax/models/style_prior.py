@@ -162,30 +162,13 @@ class InstructionAligner(nn.Module):
         return jnp.asarray(nn.meta.unbox(self.get_variable("params", "temp")), jnp.float32)
 
 
-class PriorBlock(nn.Module):
-    """Pre-LN transformer block without causal mask: x + MHA(LN(x)); x + MLP(LN(x)) (GELU)."""
-    config: StylePriorConfig
-
-    @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-        c = self.config
-        drop = nn.Dropout(c.dropout)
-        h = layers.LayerNorm(c.layer_norm_eps, name="attention_norm")(x)
-        h = layers.MultiHeadAttention(c.num_heads, c.head_dim, out_features=c.width, name="attention")(h)
-        x = x + drop(h, deterministic=deterministic)
-        h = layers.LayerNorm(c.layer_norm_eps, name="mlp_norm")(x)
-        h = layers.Dense(c.mlp_dim, ("embed", "mlp"), name="mlp_in")(h)
-        h = layers.activation("gelu")(h)
-        h = layers.Dense(c.width, ("mlp", "embed"), name="mlp_out")(h)
-        return x + drop(h, deterministic=deterministic)
-
-
 class DiffusionPrior(nn.Module):
     """x0-predicting diffusion prior over the style space (paper Eq. 8; DALL-E 2's prior transformer).
 
     Tokens (each projected to ``width``, plus a learned position embedding ``positions`` (4, width)):
     ``cond_in(condition or null)``, ``time_mlp(sinusoid(t))``, ``x_in(x_t)``, the learned ``query``.
-    ``depth`` non-causal ``PriorBlock`` s, ``out_norm``, then ``out`` reads the query token -> x0 (B, D).
+    ``depth`` non-causal ``layers.TransformerBlock`` s, ``out_norm``, then ``out`` reads the query token
+    -> x0 (B, D).
     Rows with ``keep = False`` see the learned ``null_condition`` (D,) instead of their condition.
     """
     config: StylePriorConfig
@@ -222,7 +205,8 @@ class DiffusionPrior(nn.Module):
                                                                    (None, "embed")), (4, c.width))
         x = x + pos[None]
         for i in range(c.depth):
-            x = PriorBlock(c, name=f"layers_{i}")(x, deterministic)
+            x = layers.TransformerBlock(c.num_heads, c.head_dim, c.mlp_dim, c.dropout, c.layer_norm_eps,
+                                        name=f"layers_{i}")(x, None, deterministic)
         x = layers.LayerNorm(c.layer_norm_eps, name="out_norm")(x[:, -1])
         return layers.Dense(c.style_dim, ("embed", None), name="out")(x)
 
@@ -292,5 +276,5 @@ def sample_style(config: StylePriorConfig, params: dict, text: jax.Array, rng: j
 
 
 __all__ = ["StylePriorConfig", "paper", "demo", "tiny", "timestep_embedding", "InstructionAligner",
-           "PriorBlock", "DiffusionPrior", "style_norm_params", "normalize_style", "denormalize_style",
+           "DiffusionPrior", "style_norm_params", "normalize_style", "denormalize_style",
            "guided_denoiser", "sample_style"]

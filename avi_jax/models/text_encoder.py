@@ -3,7 +3,7 @@
 The instruction text (e.g. "A fairly happy man speaks with lip corner strongly pulled.") is embedded by
 a frozen pretrained text encoder: its [CLS] state is the InfoNCE target of stage 1a (the Q-Former audio
 tokens are aligned to it) and its sentence embedding feeds the instruction aligner of stage 2b
-(DESIGN.md section 1).
+(paper Sec. III-C, III-D).
 
 * ``BertEncoder`` follows transformers ``BertModel`` (post-LN, absolute positions, token types,
   optional tanh pooler) and sentence-transformers' masked mean pooling, so BERT-base and
@@ -57,12 +57,6 @@ def mean_pool(hidden: jax.Array, mask: jax.Array | None) -> jax.Array:
     total = jnp.sum(hidden.astype(jnp.float32) * m, axis=1)
     count = jnp.maximum(jnp.sum(m, axis=1), 1e-9)
     return (total / count).astype(hidden.dtype)
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||_2, eps) over the last axis (torch ``F.normalize``); shape kept."""
-    norm = jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True)
-    return (x / jnp.maximum(norm, eps)).astype(x.dtype)
 
 
 def _check_ids(input_ids: jax.Array, max_positions: int, what: str) -> None:
@@ -288,7 +282,7 @@ class BertEncoder(nn.Module):
             raise ConfigError(f"BertEncoder.sentence_embedding: pooling {pooling!r} not in {_POOLINGS}")
         out = self(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
         emb = out.cls if pooling == "cls" else mean_pool(out.last_hidden_state, attention_mask)
-        return l2_normalize(emb) if normalize else emb
+        return layers.l2_normalize(emb).astype(emb.dtype) if normalize else emb
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -471,7 +465,7 @@ class ClipTextEncoder(nn.Module):
         normalize = self.config.normalize if normalize is None else normalize
         out = self(input_ids, attention_mask, deterministic=deterministic)
         emb = out.pooler_output if out.text_embeds is None else out.text_embeds
-        return l2_normalize(emb) if normalize else emb
+        return layers.l2_normalize(emb).astype(emb.dtype) if normalize else emb
 
 
 def text_encoder_for(config: BertConfig | ClipTextConfig, dtype: Dtype = jnp.float32) -> nn.Module:

@@ -1,8 +1,8 @@
 """Stage 1 training (paper Sec. III-C): the ``lm`` (demo only), ``align`` and ``tune`` stages.
 
 ``InstructSetup`` (``avi_jax.assembly.instruct``) gathers what the three stages share (prepared data,
-tokenizers, instruction templates, the ``Instructor`` model); each stage then only states its components, loss and evaluation
-and hands itself to the shared loop (``avi_jax.training.loop.run_stage``).
+tokenizers, instruction templates, the ``Instructor`` model); each stage then only states its components,
+loss and evaluation and hands itself to the shared loop (``avi_jax.training.loop.run_stage``).
 """
 from __future__ import annotations
 
@@ -18,37 +18,33 @@ from avi_jax import sharding as mesh_lib
 from avi_jax.assembly import common
 from avi_jax.assembly.instruct import InstructSetup, tune_trainable
 from avi_jax.data import builder, instructions, pipeline, schema
+from avi_jax.metrics.retrieval import retrieval_metrics
 from avi_jax.models.instructor import Instructor
 from avi_jax.training import losses
-from avi_jax.training.loop import Stage, device_batch
+from avi_jax.training.stage import Stage
+
 
 class _InstructStage(Stage):
     tokenizers: tuple[str, ...] = ()
 
     def __init__(self, setup: InstructSetup):
-        super().__init__(setup.config, setup.workdir)
-        self.setup = setup
+        super().__init__(setup)
         self.model = setup.model
         self._cache = {}
 
     def source(self, component: str) -> str:
+        """Stage 1's sources depend on the stage (``tune`` reads what ``align`` trained)."""
         return self.setup.source_of(self.name, component)
 
-    def load_component(self, component, abstract, shardings):
-        return self.setup.load(component, self.source(component), abstract, shardings)
-
-    def train_dataset(self):
-        return self.setup.dataset(self.config.data.train_split, train=True,
-                                  batch_size=int(self.config[self.name].batch_size),
+    def _dataset(self, split: str, train: bool):
+        return self.setup.dataset(split, train=train, batch_size=int(self.config[self.name].batch_size),
                                   tokenizers=self.tokenizers)
 
-    def eval_batches(self, mesh):
-        ds = self.setup.dataset(self.config.data.eval_split, train=False,
-                                batch_size=int(self.config[self.name].batch_size),
-                                tokenizers=self.tokenizers)
-        for batch in ds:
-            local = device_batch(batch)
-            yield mesh_lib.to_host(local), mesh_lib.shard_batch(local, mesh)
+    def train_dataset(self):
+        return self._dataset(self.config.data.train_split, train=True)
+
+    def eval_dataset(self):
+        return self._dataset(self.config.data.eval_split, train=False)
 
     def cached(self, key: str, make):
         """A jitted function built once per stage (evaluation runs several times)."""
@@ -150,8 +146,8 @@ class AlignStage(_InstructStage):
             {"params": params}, batch["audio"], batch["audio_mask"], batch["text_ids"],
             batch["text_mask"], False, batch.get("text_feature"), method=Instructor.align,
             rngs={"dropout": rng})
-        return losses.info_nce(audio_emb, text_emb, temp, valid=batch["valid"],
-                               targets_equal=losses.identical_sequences(batch["text_ids"], batch["text_mask"]))
+        positives = losses.identical_sequences(batch["text_ids"], batch["text_mask"])
+        return losses.info_nce(audio_emb, text_emb, temp, valid=batch["valid"], targets_equal=positives)
 
     def evaluate(self, params, mesh):
         embed = self.cached("eval", lambda: jax.jit(lambda p, b: self.apply(
@@ -169,7 +165,7 @@ class AlignStage(_InstructStage):
         first = [texts.index(u) for u in unique]
         sim = np.einsum("iqd,jd->ijq", audio, text[first]).max(-1)
         positives = np.array([[t == u for u in unique] for t in texts])
-        m = losses.retrieval_metrics(sim, positives)
+        m = retrieval_metrics(sim, positives)
         return {"retrieval_top1": m["top1"], "retrieval_top5": m["top5"],
                 "retrieval_chance": m["retrieval_chance"], "retrieval_queries": m["num_queries"]}
 
@@ -223,7 +219,8 @@ class TuneStage(_InstructStage):
                     f.write(json.dumps(s) + "\n")
             for s in samples[: int(gen.num_samples_logged)]:
                 logging.info("[%s] %s  | ref: %s", s["emotion"], s["generated"], s["reference"])
-        return {"tune_loss": totals[0] / max(totals[2], 1), "tune_token_accuracy": totals[1] / max(totals[2], 1),
+        return {"tune_loss": totals[0] / max(totals[2], 1),
+                "tune_token_accuracy": totals[1] / max(totals[2], 1),
                 "emotion_accuracy": float(np.mean(correct)) if correct else 0.0,
                 "num_eval_clips": float(len(samples))}
 

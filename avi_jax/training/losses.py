@@ -1,30 +1,26 @@
-"""Stage-1 losses and retrieval metrics.
+"""Contrastive and language-model losses (stages 1a, 1b and 2b).
 
 - ``info_nce``: symmetric audio<->text InfoNCE (AVI-Talking Eq. 6; BLIP-2 image-text contrastive
-  loss, ITC, with the max-over-queries similarity of LAVIS ``blip2_qformer.py``).
+  loss, ITC, with the max-over-queries similarity of LAVIS ``blip2_qformer.py``); stage 2b's
+  instruction<->style InfoNCE (Eq. 7) is the same function.
 - ``lm_cross_entropy``: token cross-entropy of the instruction tokens (stage 1b).
-- ``retrieval_metrics``: audio->text top-k retrieval accuracy.
+- ``identical_sequences``: the multi-positive pairs of a batch (duplicate instructions).
+
+The retrieval metrics are ``avi_jax.metrics.retrieval``.
 
 All functions are pure ``jax.numpy`` and jit-able; reductions are done in float32.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 
 from avi_jax.errors import InputError
+from avi_jax.models.layers import l2_normalize
 
 TEMPERATURE_MIN = 0.001
 TEMPERATURE_MAX = 0.5
 _NEG = -1e9  # logit of excluded (padded) candidates; exp underflows to exactly 0 in float32
-
-
-def _normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||, eps) over the last axis, float32, with finite gradients at x = 0."""
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 def _soft_cross_entropy(logits: jax.Array, targets: jax.Array, candidate: jax.Array) -> jax.Array:
@@ -32,6 +28,48 @@ def _soft_cross_entropy(logits: jax.Array, targets: jax.Array, candidate: jax.Ar
     logits = jnp.where(candidate, logits, _NEG)
     logp = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.sum(jnp.where(targets > 0, targets * logp, 0.0), axis=-1)
+
+
+def _check_pairs(audio_emb: jax.Array, text_emb: jax.Array, valid: jax.Array | None,
+                 targets_equal: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``info_nce``'s inputs checked: audio (B, Q, D), valid (B,) bool, positives (B, B) bool (with the
+    diagonal). Raises ``InputError`` naming the inconsistent shape."""
+    if audio_emb.ndim == 2:
+        audio_emb = audio_emb[:, None, :]
+    if audio_emb.ndim != 3 or text_emb.ndim != 2:
+        raise InputError(f"info_nce expects audio (B, Q, D) or (B, D) and text (B, D), got "
+                         f"{audio_emb.shape} and {text_emb.shape}")
+    b, _, d = audio_emb.shape
+    if text_emb.shape != (b, d):
+        raise InputError(f"info_nce: text_emb shape {text_emb.shape} does not match audio "
+                         f"batch/width {(b, d)}")
+    valid = jnp.ones((b,), bool) if valid is None else jnp.asarray(valid).astype(bool)
+    if valid.shape != (b,):
+        raise InputError(f"info_nce: valid must be ({b},), got {valid.shape}")
+    positives = jnp.eye(b, dtype=bool)
+    if targets_equal is not None:
+        targets_equal = jnp.asarray(targets_equal).astype(bool)
+        if targets_equal.shape != (b, b):
+            raise InputError(f"info_nce: targets_equal must be ({b}, {b}), got {targets_equal.shape}")
+        positives = targets_equal | positives
+    return audio_emb, valid, positives
+
+
+def _direction(logits: jax.Array, positives: jax.Array, valid: jax.Array, label_smoothing: float
+               ) -> tuple[jax.Array, jax.Array]:
+    """One direction of ``info_nce``: (mean cross-entropy, arg-max accuracy) over the valid anchors
+    (rows) of logits (B, B), with soft targets spread over each row's positives."""
+    candidate = jnp.broadcast_to(valid[None, :], logits.shape)
+    target = positives / jnp.maximum(positives.sum(-1, keepdims=True), 1)
+    if label_smoothing:
+        num_cand = jnp.maximum(candidate.sum(-1, keepdims=True), 1)
+        target = (1.0 - label_smoothing) * target + label_smoothing * candidate / num_cand
+    per_row = _soft_cross_entropy(logits, target, candidate)
+    pred = jnp.argmax(jnp.where(candidate, logits, _NEG), axis=-1)
+    correct = jnp.take_along_axis(positives, pred[:, None], axis=-1)[:, 0]
+    n = jnp.maximum(valid.sum(), 1)
+    return (jnp.sum(jnp.where(valid, per_row, 0.0)) / n,
+            jnp.sum(jnp.where(valid, correct, False)) / n)
 
 
 def info_nce(audio_emb: jax.Array, text_emb: jax.Array, temperature: jax.Array | float, *,
@@ -75,50 +113,17 @@ def info_nce(audio_emb: jax.Array, text_emb: jax.Array, temperature: jax.Array |
     Raises:
       InputError: inconsistent shapes.
     """
-    if audio_emb.ndim == 2:
-        audio_emb = audio_emb[:, None, :]
-    if audio_emb.ndim != 3 or text_emb.ndim != 2:
-        raise InputError(f"info_nce expects audio (B, Q, D) or (B, D) and text (B, D), got "
-                         f"{audio_emb.shape} and {text_emb.shape}")
-    b, _, d = audio_emb.shape
-    if text_emb.shape != (b, d):
-        raise InputError(f"info_nce: text_emb shape {text_emb.shape} does not match audio "
-                         f"batch/width {(b, d)}")
-    valid = jnp.ones((b,), bool) if valid is None else jnp.asarray(valid).astype(bool)
-    if valid.shape != (b,):
-        raise InputError(f"info_nce: valid must be ({b},), got {valid.shape}")
-    eye = jnp.eye(b, dtype=bool)
-    if targets_equal is None:
-        positives = eye
-    else:
-        targets_equal = jnp.asarray(targets_equal).astype(bool)
-        if targets_equal.shape != (b, b):
-            raise InputError(f"info_nce: targets_equal must be ({b}, {b}), got {targets_equal.shape}")
-        positives = targets_equal | eye
-
+    audio_emb, valid, positives = _check_pairs(audio_emb, text_emb, valid, targets_equal)
     temp = jnp.clip(jnp.asarray(temperature, jnp.float32), TEMPERATURE_MIN, TEMPERATURE_MAX)
-    a = _normalize(audio_emb)
-    t = _normalize(text_emb)
+    a = l2_normalize(audio_emb)
+    t = l2_normalize(text_emb)
     sim = jnp.max(jnp.einsum("bqd,cd->bcq", a, t), axis=-1)  # (B audio, B text)
     logits = sim / temp
     pair_ok = valid[:, None] & valid[None, :]
     positives = positives & pair_ok
 
-    def direction(lg: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
-        candidate = jnp.broadcast_to(valid[None, :], lg.shape)
-        target = pos / jnp.maximum(pos.sum(-1, keepdims=True), 1)
-        if label_smoothing:
-            num_cand = jnp.maximum(candidate.sum(-1, keepdims=True), 1)
-            target = (1.0 - label_smoothing) * target + label_smoothing * candidate / num_cand
-        per_row = _soft_cross_entropy(lg, target, candidate)
-        pred = jnp.argmax(jnp.where(candidate, lg, _NEG), axis=-1)
-        correct = jnp.take_along_axis(pos, pred[:, None], axis=-1)[:, 0]
-        n = jnp.maximum(valid.sum(), 1)
-        return (jnp.sum(jnp.where(valid, per_row, 0.0)) / n,
-                jnp.sum(jnp.where(valid, correct, False)) / n)
-
-    loss_a2t, acc_a2t = direction(logits, positives)
-    loss_t2a, acc_t2a = direction(logits.T, positives.T)
+    loss_a2t, acc_a2t = _direction(logits, positives, valid, label_smoothing)
+    loss_t2a, acc_t2a = _direction(logits.T, positives.T, valid, label_smoothing)
     loss = 0.5 * (loss_a2t + loss_t2a)
     metrics = {"loss": loss, "loss_a2t": loss_a2t, "loss_t2a": loss_t2a,
                "acc_a2t": acc_a2t.astype(jnp.float32), "acc_t2a": acc_t2a.astype(jnp.float32),
@@ -159,47 +164,6 @@ def lm_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
     accuracy = jnp.sum(correct * w) / denom
     return loss, {"loss": loss, "accuracy": accuracy, "num_tokens": total,
                   "perplexity": jnp.exp(loss)}
-
-
-def retrieval_metrics(sim: jax.Array, positives: jax.Array, ks: Sequence[int] = (1, 5)
-                      ) -> dict[str, jax.Array]:
-    """Audio->text retrieval accuracy at k from a similarity matrix.
-
-    A query (row) is correct at k if any of its positives ranks in the top k. The rank of a query
-    is the number of *negatives* whose score is >= its best positive's score (ties count against
-    the query, so a constant ``sim`` scores 0 unless k >= M); correct at k iff rank < k.
-
-    Args:
-      sim: (N, M) float, similarity of query i to candidate j (higher is closer).
-      positives: (N, M) bool, True where candidate j is a correct answer for query i (several
-        positives per row are allowed: duplicate instructions).
-      ks: the k values.
-
-    Returns:
-      ``{"top{k}": float32 accuracy, ..., "retrieval_chance": 1 / M, "positive_rate": mean over
-      queries of (#positives / M), "num_queries": N_eval}``. ``retrieval_chance`` is the top-1
-      accuracy of a random ranking with one positive per query (the usual reference line);
-      ``positive_rate`` is its multi-positive counterpart. Queries without any positive are
-      excluded from the means (``num_queries`` counts the rest).
-
-    Raises:
-      InputError: shapes differ or are not 2-D.
-    """
-    if sim.ndim != 2 or positives.shape != sim.shape:
-        raise InputError(f"retrieval_metrics expects sim and positives of the same (N, M) shape, got "
-                         f"{sim.shape} and {positives.shape}")
-    m = sim.shape[1]
-    sim = sim.astype(jnp.float32)
-    positives = positives.astype(bool)
-    has_pos = positives.any(axis=-1)
-    best_pos = jnp.max(jnp.where(positives, sim, -jnp.inf), axis=-1)
-    rank = jnp.sum(~positives & (sim >= best_pos[:, None]), axis=-1)
-    n = jnp.maximum(has_pos.sum(), 1)
-    out = {f"top{k}": jnp.sum(has_pos & (rank < k)) / n for k in ks}
-    out["retrieval_chance"] = jnp.asarray(1.0 / m, jnp.float32)
-    out["positive_rate"] = jnp.sum(jnp.where(has_pos, positives.sum(-1) / m, 0.0)) / n
-    out["num_queries"] = has_pos.sum()
-    return {key: jnp.asarray(v, jnp.float32) for key, v in out.items()}
 
 
 def identical_sequences(ids: jax.Array, mask: jax.Array) -> jax.Array:

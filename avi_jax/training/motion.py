@@ -1,8 +1,9 @@
 """Stage 2a training (paper Sec. III-D): the motion prior, ``stage=motion``.
 
-``MotionSetup`` (``avi_jax.assembly.motion``) gathers what the stage (and later the style stage and inference) needs: the prepared
-data, the training-set motion statistics, the ``MotionPrior`` model and, when configured, FLAME.
-``MotionStage`` states components, loss and evaluation and hands itself to the shared loop.
+``MotionSetup`` (``avi_jax.assembly.motion``) gathers what the stage (and later the style stage and
+inference) needs: the prepared data, the training-set motion statistics, the ``MotionPrior`` model and,
+when configured, FLAME. ``MotionStage`` states components, loss and evaluation and hands itself to the
+shared loop.
 
 Keeping the predicted frames out of the style encoder (the "content-irrelevant" space must not see the
 motion it is asked to produce):
@@ -34,14 +35,17 @@ from avi_jax import sharding as mesh_lib
 from avi_jax.assembly.motion import STAGE, MotionSetup, target_motion
 from avi_jax.data import schema
 from avi_jax.errors import ConfigError
+from avi_jax.metrics.correlation import pearson
+from avi_jax.metrics.lip_vertex_error import lip_vertex_error
+from avi_jax.models.flame import motion_to_vertices
 from avi_jax.models.motion import JAW_OPEN, MotionPrior
-from avi_jax.training.loop import Stage, device_batch
+from avi_jax.training.stage import Stage
 
 MM = 1000.0   # metres -> millimetres
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure functions: targets, reference masks, losses, metrics.
+# Pure functions: targets, reference masks, losses.
 # ---------------------------------------------------------------------------------------------
 
 def split_target(rng: jax.Array, mask: jax.Array, fraction: float, margin: int
@@ -131,7 +135,6 @@ def vertex_losses(flame: Any, pred: jax.Array, target: jax.Array, mask: jax.Arra
                   lip_indices: jax.Array | None) -> dict[str, jax.Array]:
     """Mean squared vertex distance (mm²) over masked frames: ``vertex`` over all FLAME vertices and
     ``lip_vertex`` over ``lip_indices`` (0 when None). pred/target (B, F, 53) raw motion, mask (B, F)."""
-    from avi_jax.models.flame import motion_to_vertices
     sq = jnp.sum(jnp.square((motion_to_vertices(flame, pred) - motion_to_vertices(flame, target)) * MM), -1)
     m = mask.astype(sq.dtype)
     count = jnp.maximum(jnp.sum(m), 1.0)
@@ -139,22 +142,6 @@ def vertex_losses(flame: Any, pred: jax.Array, target: jax.Array, mask: jax.Arra
     out["lip_vertex"] = (jnp.sum(jnp.mean(sq[..., lip_indices], -1) * m) / count
                          if lip_indices is not None else jnp.zeros(()))
     return out
-
-
-def lip_vertex_error(flame: Any, pred: jax.Array, target: jax.Array, lip_indices: jax.Array) -> jax.Array:
-    """Per-frame lip vertex error (B, F) in mm: the largest L2 distance over the lip vertices
-    (FaceFormer / MeshTalk's LVE before averaging over frames)."""
-    from avi_jax.models.flame import motion_to_vertices
-    diff = (motion_to_vertices(flame, pred) - motion_to_vertices(flame, target))[..., lip_indices, :] * MM
-    return jnp.max(jnp.sqrt(jnp.sum(jnp.square(diff), -1)), -1)
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation of two 1-D arrays (0.0 when either is constant)."""
-    a = np.asarray(a, np.float64) - np.mean(a)
-    b = np.asarray(b, np.float64) - np.mean(b)
-    den = np.sqrt(np.sum(a * a) * np.sum(b * b))
-    return float(np.sum(a * b) / den) if den > 0 else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,8 +153,7 @@ class MotionStage(Stage):
     name = STAGE
 
     def __init__(self, setup: MotionSetup):
-        super().__init__(setup.config, setup.workdir)
-        self.setup = setup
+        super().__init__(setup)
         self.model = setup.model
         self._eval_fn = None
 
@@ -176,15 +162,13 @@ class MotionStage(Stage):
         extra = ("audio_encoder",) if self.config.model.audio_encoder.finetune else ()
         return ("content_encoder", "style_encoder", "generator") + extra
 
-    def source(self, component: str) -> str:
-        return self.setup.source_of(component)
-
-    def load_component(self, component, abstract, shardings):
-        return self.setup.load(component, self.source(component), abstract, shardings)
-
     def train_dataset(self):
         return self.setup.dataset(self.config.data.train_split, train=True,
                                   batch_size=int(self.config.motion.batch_size))
+
+    def eval_dataset(self):
+        return self.setup.dataset(self.config.data.eval_split, train=False,
+                                  batch_size=int(self.config.motion.eval_batch_size))
 
     def model_init(self, rng, batch):
         return self.setup.init_params(rng, batch)
@@ -219,7 +203,9 @@ class MotionStage(Stage):
             pred = jnp.where(target[..., None], out, pred)
         out = {"pred": pred, "target": motion, "mask": mask}
         if self.setup.flame is not None and self.setup.lip_indices is not None:
-            out["lve"] = lip_vertex_error(self.setup.flame, pred, motion, self.setup.lip_indices)
+            out["lve"] = lip_vertex_error(motion_to_vertices(self.setup.flame, pred) * MM,
+                                          motion_to_vertices(self.setup.flame, motion) * MM,
+                                          self.setup.lip_indices)
         return out
 
     def evaluate(self, params, mesh):
@@ -232,10 +218,7 @@ class MotionStage(Stage):
         if self._eval_fn is None:
             self._eval_fn = jax.jit(self._predict)
         preds, targets, lves = [], [], []
-        ds = self.setup.dataset(self.config.data.eval_split, train=False,
-                                batch_size=int(self.config.motion.eval_batch_size))
-        for host in ds:
-            batch = mesh_lib.shard_batch(device_batch(host), mesh)
+        for _, batch in self.eval_batches(mesh):
             out = mesh_lib.to_host(self._eval_fn(params, batch))   # all-gathered over processes
             keep = np.asarray(out["mask"])
             preds.append(out["pred"][keep]), targets.append(out["target"][keep])

@@ -7,8 +7,9 @@ or optimizer memory.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Sequence
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -75,20 +76,26 @@ def stop_frozen_gradients(opt_config: Any, params: Any) -> Any:
                         frozen_mask(opt_config, params))
 
 
-def optimizer_shardings(opt_state: Any, param_shardings: Any, default: jax.sharding.Sharding) -> Any:
-    """Shardings for an optimizer state: a leaf whose path ends with a parameter's path (Adam's
-    ``mu``/``nu`` mirror the params tree) and has its shape takes that parameter's sharding; counts
-    and other scalars get ``default`` (replicated)."""
-    def keys(path):
-        return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+def optimizer_shardings(tx: optax.GradientTransformation, boxed_params: Any, mesh: jax.sharding.Mesh,
+                        rules: Sequence[tuple[str, Any]]) -> Any:
+    """``NamedSharding`` per leaf of ``tx.init(params)``, derived from the abstract optimizer state.
 
-    by_path = {keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+    ``tx.init`` is traced (``jax.eval_shape``) over the *boxed* parameters (leaves
+    ``nn.LogicallyPartitioned``): optax builds its moments with ``tree_map`` over the parameters, so
+    Adam's ``mu``/``nu`` keep each parameter's logical axes and the rules that shard a parameter shard
+    its moments too (flax ``examples/lm1b``; MaxText ``maxtext_utils.get_abstract_state``). This holds
+    for :func:`make_optimizer`'s chain, its masked weight decay and its ``multi_transform`` over
+    ``frozen_patterns`` (the frozen branch holds no state). Leaves without a box (step counts, and any
+    state an optax transformation builds other than by mapping over the parameters) are replicated.
 
-    def pick(path, leaf):
-        k = keys(path)
-        for i in range(len(k)):
-            if k[i:] in by_path:
-                return by_path[k[i:]]
-        return default
+    Args:
+      tx: the optimizer.
+      boxed_params: the trainable parameters, boxed; arrays or ``ShapeDtypeStruct`` leaves.
+      mesh: the device mesh.
+      rules: logical axis -> mesh axes (``config.logical_axis_rules``).
 
-    return jax.tree_util.tree_map_with_path(pick, opt_state)
+    Returns:
+      A tree of ``NamedSharding`` with the structure of the unboxed ``tx.init(params)``.
+    """
+    abstract = jax.eval_shape(tx.init, boxed_params)
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, list(rules))

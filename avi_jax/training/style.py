@@ -44,13 +44,16 @@ from avi_jax import sharding as mesh_lib
 from avi_jax.assembly import common
 from avi_jax.assembly.motion import target_motion
 from avi_jax.assembly.style import StyleSetup
-from avi_jax.data import builder, pipeline, schema
+from avi_jax.data import builder, schema
 from avi_jax.errors import ConfigError
 from avi_jax.metrics.diversity import diversity
+from avi_jax.metrics.retrieval import retrieval_metrics
 from avi_jax.models import diffusion
 from avi_jax.models import style_prior as prior_lib
+from avi_jax.models.layers import l2_normalize
 from avi_jax.training import losses
-from avi_jax.training.loop import Stage
+from avi_jax.training.stage import Stage
+
 _NEUTRAL = schema.EMOTIONS.index("neutral")
 
 
@@ -71,11 +74,8 @@ def label_positives(emotion: jax.Array, intensity: jax.Array) -> jax.Array:
 
 
 def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, D) x (M, D) -> (N, M) cosine similarities (float64)."""
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+    """(N, D) x (M, D) -> (N, M) cosine similarities (float64 products of float32 unit vectors)."""
+    a, b = (np.asarray(l2_normalize(jnp.asarray(x, jnp.float32)), np.float64) for x in (a, b))
     return a @ b.T
 
 
@@ -88,20 +88,13 @@ class StyleStage(Stage):
     name = "style"
 
     def __init__(self, setup: StyleSetup):
-        super().__init__(setup.config, setup.workdir)
-        self.setup = setup
+        super().__init__(setup)
         self.prior_config = setup.prior_config
         self._eval_fns = None
 
     @property
     def trainable(self) -> tuple[str, ...]:
         return ("aligner",) if self.prior_config.no_diffusion else ("aligner", "prior")
-
-    def source(self, component: str) -> str:
-        return self.setup.source_of(component)
-
-    def load_component(self, component, abstract, shardings):
-        return self.setup.load(component, self.source(component), abstract, shardings)
 
     def train_dataset(self):
         self.setup.style_statistics()      # before model_init (needs concrete computation)
@@ -110,6 +103,12 @@ class StyleStage(Stage):
                                  tokenizers={"text": self.setup.tokenizer},
                                  max_text_tokens=int(self.config.data.max_text_tokens))
         return ds.map(_drop_audio)       # the style stage never reads the audio
+
+    def eval_dataset(self):
+        """The held-out clips' motion and labels (instructions are read from the records by index)."""
+        ds = common.clip_dataset(self.config, self.setup.data_path, self.config.data.eval_split,
+                                 batch_size=int(self.config.style.eval_batch_size), train=False)
+        return ds.map(_drop_audio)
 
     def model_init(self, rng, batch):
         return self.setup.init_params(rng, batch)
@@ -151,16 +150,35 @@ class StyleStage(Stage):
     def _functions(self, mesh):
         repl = mesh_lib.replicated(mesh)
         setup = self.setup
-        style_fn = jax.jit(lambda p, m, k: prior_lib.normalize_style(p["style_norm"], setup.styles(p, m, k)),
-                           out_shardings=repl)
+
+        def clip_styles(p, batch):
+            motion, mask = target_motion(batch)
+            return prior_lib.normalize_style(p["style_norm"], setup.styles(p, motion, mask))
 
         def embed(p, ids, mask, rng, num_samples):
             text = setup.text_features(p["text_encoder"], ids, mask)
             aligned = prior_lib.InstructionAligner(self.prior_config).apply({"params": p["aligner"]}, text)
             return aligned, setup.sample_features(p, text, rng, num_samples)
 
-        embed_fn = jax.jit(embed, static_argnums=(4,), out_shardings=repl)
-        return style_fn, embed_fn
+        return (jax.jit(clip_styles, out_shardings=repl),
+                jax.jit(embed, static_argnums=(4,), out_shardings=repl))
+
+    def _clip_styles(self, style_fn, params, mesh) -> tuple[np.ndarray, list, list[int]]:
+        """The normalised style (N, D) of each held-out clip with coefficients, its ``style_class`` and
+        its record index in the eval split."""
+        z_clip, classes, records = [], [], []
+        for host, batch in self.eval_batches(mesh):
+            z = mesh_lib.to_host(style_fn(params, batch))
+            keep = (host["coeff_mask"].astype(bool) & host["valid"].astype(bool)[:, None]).any(-1)
+            for row in np.nonzero(keep)[0]:
+                z_clip.append(z[row])
+                classes.append(style_class(int(host["emotion"][row]), int(host["intensity"][row]),
+                                           int(host["index"][row])))
+                records.append(int(host["index"][row]))
+        if not z_clip:
+            raise ConfigError(f"split {self.config.data.eval_split!r} has no clip with coefficients to "
+                              f"evaluate on")
+        return np.stack(z_clip), classes, records
 
     def evaluate(self, params, mesh):
         """Held-out retrieval, style cosine and Diversity (see the module docstring)."""
@@ -169,25 +187,9 @@ class StyleStage(Stage):
         style_fn, embed_fn = self._eval_fns
         c, setup = self.config, self.setup
         bs = int(c.style.eval_batch_size)
-        source = builder.open_split(setup.data_path, c.data.eval_split)
-        if int(c.data.max_eval_clips):
-            source = common.HeadSource(source, int(c.data.max_eval_clips))
-        ds = pipeline.make_dataset(source, batch_size=bs, seed=0, shuffle=False, num_epochs=1,
-                                   max_audio_samples=common.max_audio_samples(c), max_text_tokens=2,
-                                   tokenizers={}, shard_index=0, shard_count=1, drop_remainder=False)
-        z_clip, classes, records = [], [], []
-        for batch in ds:
-            motion, mask = target_motion({k: batch[k] for k in ("expression", "jaw_pose", "coeff_mask", "valid")})
-            z = np.asarray(jax.device_get(style_fn(params, motion, mask)))
-            for row in np.nonzero(np.asarray(mask).any(-1))[0]:
-                z_clip.append(z[row])
-                classes.append(style_class(int(batch["emotion"][row]), int(batch["intensity"][row]),
-                                           int(batch["index"][row])))
-                records.append(int(batch["index"][row]))
-        if not z_clip:
-            raise ConfigError(f"split {c.data.eval_split!r} has no clip with coefficients to evaluate on")
-        z_clip = np.stack(z_clip)
+        z_clip, classes, records = self._clip_styles(style_fn, params, mesh)
         # queries: every instruction of every held-out clip
+        source = builder.open_split(setup.data_path, c.data.eval_split)
         q_texts, q_clip = [], []
         for i, rec in enumerate(records):
             for t in source[rec]["instructions"]:
@@ -195,7 +197,8 @@ class StyleStage(Stage):
                 q_clip.append(i)
         q_clip = np.asarray(q_clip)
         seed = jax.random.key(int(c.sampler.seed))
-        aligned, sampled = self._embed_texts(embed_fn, params, q_texts, jax.random.fold_in(seed, 0), 1, bs)
+        aligned, sampled = self._embed_texts(embed_fn, params, q_texts, jax.random.fold_in(seed, 0), 1, bs,
+                                            mesh)
         norm = jax.device_get(params["style_norm"])
         sampled_z = (sampled[:, 0] - np.asarray(norm["mean"])) / np.asarray(norm["scale"])
         query = aligned if self.prior_config.no_diffusion else sampled_z
@@ -206,8 +209,7 @@ class StyleStage(Stage):
         positives = members[q_clip]
         out = {}
         for prefix, emb in (("", query), ("aligner_", aligned)):
-            m = jax.device_get(losses.retrieval_metrics(jnp.asarray(cosine_matrix(emb, centroids)),
-                                                        jnp.asarray(positives)))
+            m = jax.device_get(retrieval_metrics(cosine_matrix(emb, centroids), positives))
             out[f"{prefix}retrieval_top1"] = float(m["top1"])
             if not prefix:
                 out["retrieval_top5"] = float(m["top5"])
@@ -221,13 +223,15 @@ class StyleStage(Stage):
         if n_div:
             distinct = distinct[:n_div]
         k = int(c.eval.diversity_samples)
-        _, samples = self._embed_texts(embed_fn, params, distinct, jax.random.fold_in(seed, 1), k, bs)
+        _, samples = self._embed_texts(embed_fn, params, distinct, jax.random.fold_in(seed, 1), k, bs, mesh)
         out["diversity"] = diversity(samples)
         out["num_eval_clips"] = float(len(records))
         return out
 
-    def _embed_texts(self, embed_fn, params, texts, rng, num_samples, bs):
-        """(aligned (N, D) normalised, sampled (N, K, D) raw) in fixed-size batches (padded)."""
+    def _embed_texts(self, embed_fn, params, texts, rng, num_samples, bs, mesh):
+        """(aligned (N, D) normalised, sampled (N, K, D) raw) in fixed-size batches (padded), each batch
+        split over the mesh's batch axes like the clip batches."""
+        rows = mesh_lib.batch_sharding(mesh)
         ids, mask = self.setup.tokenize(texts)
         n = ids.shape[0]
         pad = (-n) % bs
@@ -235,8 +239,9 @@ class StyleStage(Stage):
         mask = np.concatenate([mask, np.repeat(mask[:1], pad, 0)])
         aligned, sampled = [], []
         for i, start in enumerate(range(0, ids.shape[0], bs)):
-            a, s = jax.device_get(embed_fn(params, ids[start:start + bs], mask[start:start + bs],
-                                           jax.random.fold_in(rng, i), num_samples))
+            a, s = mesh_lib.to_host(embed_fn(params, mesh_lib.place(ids[start:start + bs], rows),
+                                             mesh_lib.place(mask[start:start + bs], rows),
+                                             jax.random.fold_in(rng, i), num_samples))
             aligned.append(np.asarray(a)), sampled.append(np.asarray(s))
         return np.concatenate(aligned)[:n], np.concatenate(sampled)[:n]
 
