@@ -1,90 +1,187 @@
-"""Inference from a trained workdir: ``python -m avi_jax.infer --instruct-workdir runs/demo --audio a.wav b.flac``.
+"""Speech to a 3D talking face: ``python -m avi_jax.infer --workdir runs/demo --audio a.wav --out out``.
 
-Prints one generated visual instruction per audio file (and writes them as JSON lines with ``--out``).
-Any sample rate and channel count is accepted: audio is resampled to 16 kHz mono. The model is rebuilt
-from ``<workdir>/config.json`` and the stages' exported parameters alone.
+For each recording (wav, flac, ogg, mp3, m4a or the audio track of an mp4; any sample rate and channel
+count, resampled to 16 kHz mono; 0.5 s to hours) it runs paper Fig. 2 (speech -> visual instruction ->
+style embedding -> FLAME motion -> vertices -> video) and writes ``OUT/<name>/`` (``OUT/<name>/sample_K/``
+with ``--num-samples`` > 1): ``instruction.txt``, ``coefficients.npz`` and ``render.mp4`` (see
+``avi_jax/inference/outputs.py``). A bad file gets one line naming it and the problem and the others still
+run; the exit status is 0 when every file succeeded, 1 when some failed, 2 for a bad command or workdir.
 """
 from __future__ import annotations
 
-import json
+import argparse
 import os
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
+from avi_jax.errors import AviJaxError, ConfigError, InputError
 
-from avi_jax.errors import AviJaxError, ConfigError
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
 
 
-def load_workdir_config(workdir: str) -> Any:
-    """The resolved config a training run wrote to ``<workdir>/config.json``."""
-    import ml_collections
-    path = os.path.join(workdir, "config.json")
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m avi_jax.infer", description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", help="workdir of a finished configs/avi_talking.py run")
+    p.add_argument("--instruct-workdir", help="instead of --workdir: a finished stage-1 run (configs/instruct.py)")
+    p.add_argument("--style-workdir", help="instead of --workdir: a finished style run (configs/style_prior.py; "
+                                           "its motion_workdir gives the motion prior)")
+    p.add_argument("--audio", nargs="+", required=True, help="speech recordings")
+    p.add_argument("--out", default="infer_out", help="output folder (created; default: infer_out)")
+    p.add_argument("--instruction", help="use this visual instruction for every file (skips the LLM)")
+    p.add_argument("--style-reference", help="an .npz with expression (T, 50) and jaw_pose (T, 3) whose style "
+                                             "(the motion prior's style encoder) drives the face")
+    p.add_argument("--num-samples", type=int, default=1, help="styles sampled per file (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the style sampling (default 0)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), help="diffusion sampler (default: the run's config)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's, 3.5)")
+    p.add_argument("--flame-model", help="FLAME generic_model.pkl (default: the run's; the demo's stand-in head "
+                                         "for demo runs)")
+    p.add_argument("--meshes", nargs="?", const="obj", choices=("obj", "ply"),
+                   help="also write one mesh per frame (obj by default)")
+    p.add_argument("--no-render", action="store_true", help="write instruction and coefficients only")
+    return p
+
+
+def _check_paths(paths: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(existing files, error lines) before any model loads."""
+    ok, errors = [], []
+    for p in paths:
+        if os.path.isdir(p):
+            errors.append(f"{p}: is a directory, not an audio file")
+        elif not os.path.isfile(p):
+            errors.append(f"{p}: no such file")
+        else:
+            ok.append(p)
+    return ok, errors
+
+
+def _names(paths: Sequence[str]) -> list[str]:
+    """Output folder names: the file stems, made unique with a suffix."""
+    out, seen = [], {}
+    for p in paths:
+        stem = os.path.splitext(os.path.basename(p))[0] or "audio"
+        seen[stem] = seen.get(stem, 0) + 1
+        out.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command behind :func:`main` (raises the project's errors for a bad command or workdir)."""
+    from avi_jax.data.audio import load_audio
+    from avi_jax.inference import pipeline, system
+    from avi_jax.inference.outputs import write_render, write_result
+
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.instruction is not None and not args.instruction.strip():
+        raise ConfigError("--instruction is empty")
+    paths, errors = _check_paths(args.audio)
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+    reference = _reference_motion(args.style_reference) if args.style_reference else None
+    instruct_cfg, instruct_wd, style_cfg, style_wd = system.resolve_workdirs(
+        args.workdir, args.instruct_workdir, args.style_workdir)
+    top = _top_config(args)
+    flame = None
+    if not args.no_render or args.meshes:
+        from avi_jax.checkpoints.flame import load_flame_model
+        path = system.flame_path(args.flame_model, args.workdir or style_wd, style_cfg.variant,
+                                 top.flame.model_path if top is not None else "")
+        if path is None:
+            raise ConfigError(f"no FLAME model to render with; {system._FLAME_HINT}")
+        flame = load_flame_model(path)
+    if not paths:
+        return EXIT_SOME_FAILED
+    if args.sampler:
+        style_cfg.sampler.method = args.sampler
+    if args.guidance is not None:
+        style_cfg.sampler.guidance_scale = args.guidance
+    inf = top.inference if top is not None else None
+    options = pipeline.Options(
+        num_samples=args.num_samples, seed=args.seed, instruction=args.instruction, reference_motion=reference,
+        **({} if inf is None else {"window_seconds": float(inf.window_seconds),
+                                   "overlap_seconds": float(inf.overlap_seconds),
+                                   "bucket_seconds": tuple(float(b) for b in inf.bucket_seconds),
+                                   "batch_size": int(inf.batch_size)}))
+    clips, names, failed = [], [], len(errors)
+    for path, name in zip(paths, _names(paths)):
+        try:
+            clips.append(pipeline.check_waveform(load_audio(path), path))
+            names.append((path, name))
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+    if not clips:
+        return EXIT_SOME_FAILED
+    face = system.TalkingFace(instruct_cfg, instruct_wd, style_cfg, style_wd)
+    results = pipeline.synthesize(face, clips, options)
+    size = int(inf.render_size) if inf is not None else 512
+    for (path, name), audio, per_sample in zip(names, clips, results):
+        for r in per_sample:
+            folder = os.path.join(args.out, name, f"sample_{r.sample}") if args.num_samples > 1 \
+                else os.path.join(args.out, name)
+            write_result(folder, r)
+            line = f"{path}: {r.instruction}"
+            if flame is not None:
+                try:
+                    write_render(folder, flame, r, audio, size=size, render=not args.no_render,
+                                 meshes=args.meshes)
+                except AviJaxError as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    failed += 1
+                    continue
+            if not args.no_render:
+                line += f"\n  -> {os.path.join(folder, 'render.mp4')}"
+            print(line)
+    return EXIT_SOME_FAILED if failed else 0
+
+
+def _top_config(args: argparse.Namespace):
+    if not args.workdir:
+        return None
+    from avi_jax.assembly.common import load_workdir_config
+    return load_workdir_config(args.workdir)
+
+
+def _reference_motion(path: str):
+    """(S, 53) float32 = expression ++ jaw_pose of a coefficients .npz (no pickles)."""
+    import numpy as np
     if not os.path.isfile(path):
-        raise ConfigError(f"{path}: not found; --instruct-workdir must be the --workdir of a finished "
-                          f"`python -m avi_jax.train --config configs/instruct.py...` run")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        raise InputError(f"{path}: --style-reference file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            exp, jaw = np.asarray(z["expression"], np.float32), np.asarray(z["jaw_pose"], np.float32)
+    except KeyError as e:
+        raise InputError(f"{path}: --style-reference needs 'expression' (T, 50) and 'jaw_pose' (T, 3); "
+                         f"missing {e}") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable .npz ({e})") from None
+    if exp.ndim != 2 or exp.shape[1] != 50 or jaw.shape != (exp.shape[0], 3) or not exp.shape[0]:
+        raise InputError(f"{path}: expression {exp.shape} and jaw_pose {jaw.shape} must be (T, 50) and (T, 3)")
+    if not (np.isfinite(exp).all() and np.isfinite(jaw).all()):
+        raise InputError(f"{path}: NaN or infinite coefficients")
+    return np.concatenate([exp, jaw], axis=-1)
 
 
-class InstructionModel:
-    """A trained stage-1 instructor loaded from a workdir; ``describe(paths)`` -> instructions."""
-
-    def __init__(self, workdir: str):
-        import jax
-        import jax.numpy as jnp
-        import flax.linen as nn
-        from avi_jax.models.instructor import Instructor
-        from avi_jax.assembly.instruct import InstructSetup, tune_trainable
-
-        config = load_workdir_config(workdir)
-        if not os.path.isfile(os.path.join(workdir, "tune", "params.safetensors")):
-            raise ConfigError(f"{workdir}: the tune stage has not finished (no tune/params.safetensors)")
-        self.setup = InstructSetup(config, workdir, data=False)
-        t_ids, t_mask = self.setup.fixed_templates(1)
-        dummy = (jnp.zeros((1, 16000)), jnp.ones((1, 16000), bool), t_ids, t_mask,
-                 jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool))
-        abstract = nn.meta.unbox(jax.eval_shape(
-            lambda: self.setup.model.init(jax.random.key(0), *dummy, method=Instructor.init_tune)))["params"]
-        # What 'tune' trained comes from its export; everything else from where 'tune' took it.
-        trained = tune_trainable(config)
-        sources = {c: "stage:tune" if c in trained else self.setup.source_of("tune", c) for c in abstract}
-        self.params = {c: self.setup.load(c, sources[c], abstract[c], None) for c in abstract}
-
-    def describe(self, paths: Sequence[str]) -> list[str]:
-        """One instruction per audio file (batched, padded to the longest file)."""
-        from avi_jax.data.audio import load_audio
-        waves = [load_audio(p) for p in paths]
-        n = max(len(w) for w in waves)
-        audio = np.zeros((len(waves), n), np.float32)
-        mask = np.zeros((len(waves), n), bool)
-        for i, w in enumerate(waves):
-            audio[i, :len(w)], mask[i, :len(w)] = w, True
-        return self.setup.describe(self.params, audio, mask)
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache (``$AVI_JAX_CACHE`` or ``~/.cache/avi_jax/jax``), so a second run
+    of a command reuses the compiled programs of the first."""
+    import jax
+    folder = os.environ.get("AVI_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "avi_jax", "jax"))
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m avi_jax.infer", description=__doc__.splitlines()[0])
-    parser.add_argument("--instruct-workdir", required=True, help="workdir of a finished stage-1 run")
-    parser.add_argument("--audio", nargs="+", required=True, help="speech files (wav/flac/ogg, any rate)")
-    parser.add_argument("--out", help="write {'audio', 'instruction'} JSON lines here")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
+    enable_compilation_cache()
     try:
-        texts = InstructionModel(args.instruct_workdir).describe(args.audio)
+        return run(args)
     except AviJaxError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    rows = [{"audio": p, "instruction": t} for p, t in zip(args.audio, texts)]
-    for r in rows:
-        print(f"{r['audio']}: {r['instruction']}")
-    if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, args.out)
-    return 0
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

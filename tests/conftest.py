@@ -49,3 +49,15 @@ def motion_workdir(tmp_path_factory):
     export_params({c: params[c] for c in ("style_encoder", "normalizer")},
                                 os.path.join(workdir, "motion", "params.safetensors"))
     return workdir
+
+
+@pytest.fixture(scope="session")
+def system_workdir(tmp_path_factory):
+    """A finished tiny run of the whole system (configs/avi_talking.py:tiny: lm, align, tune, motion,
+    style; ~1-2 minutes on 2 cores), shared by the inference and export tests."""
+    from avi_jax.training.experiment import train_and_evaluate
+    from configs import avi_talking
+
+    workdir = str(tmp_path_factory.mktemp("system_run"))
+    train_and_evaluate(avi_talking.get_config("tiny"), workdir)
+    return workdir

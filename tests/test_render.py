@@ -10,6 +10,7 @@ import pytest
 
 from avi_jax.errors import AviJaxError, InputError, RenderError
 from avi_jax.render import Camera, MeshRenderer, render_frames, render_video, write_meshes, write_video
+from avi_jax.render import isolated
 from avi_jax.render.normals import vertex_normals
 
 SIZE = 96
@@ -99,6 +100,7 @@ def test_render_error_names_packages_when_egl_is_missing(monkeypatch):
         raise Exception("(detect) eglGetDisplay failed\nlibEGL.so.1: cannot open shared object file")
 
     monkeypatch.setattr(moderngl, "create_context", no_egl)
+    monkeypatch.setattr(isolated, "needs_isolation", lambda: False)   # this process's moderngl
     with pytest.raises(RenderError) as info:
         MeshRenderer(_sphere()[1])
     message = str(info.value)
@@ -201,3 +203,18 @@ def test_write_meshes_rejects_bad_input_before_writing(tmp_path):
     with pytest.raises(InputError, match="format"):
         write_meshes(str(tmp_path / "m"), vertices, faces, fmt="stl")
     assert not (tmp_path / "m").exists()
+
+
+def test_renders_beside_tensorflow_in_a_child_process(egl, monkeypatch):
+    """Mesa's llvmpipe crashes in a process that loaded TensorFlow; the renderer then works through a
+    spawned child (forced here), with the same frames and errors."""
+    v, faces = _sphere()
+    frames = np.stack([v, v + np.float32([0.01, 0.0, 0.0])])
+    with MeshRenderer(faces, size=SIZE) as renderer:
+        direct = renderer.render(frames)
+    monkeypatch.setattr(isolated, "needs_isolation", lambda: True)
+    with MeshRenderer(faces, size=SIZE) as renderer:
+        assert renderer._child is not None
+        np.testing.assert_array_equal(renderer.render(frames), direct)
+        with pytest.raises(InputError):
+            renderer.render(frames[:, :5])

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from avi_jax.errors import InputError, RenderError
-from avi_jax.render import normals as normals_lib
+from avi_jax.render import isolated, normals as normals_lib
 from avi_jax.render.camera import Camera
 
 # Debian/Ubuntu packages that give glcontext's EGL backend libEGL.so.1 (libegl1, which pulls in Mesa's
@@ -83,6 +83,9 @@ def _image_size(size) -> tuple[int, int]:
 class MeshRenderer:
     """Renders frames of one triangle mesh whose vertices move (a FLAME sequence).
 
+    Where TensorFlow is loaded in the process, the GL work runs in a spawned child process
+    (:mod:`avi_jax.render.isolated`: Mesa's llvmpipe crashes beside TensorFlow); the API is the same.
+
     Use as a context manager (or call :meth:`close`) so the EGL context is released::
 
         with MeshRenderer(faces, size=512) as renderer:
@@ -105,6 +108,14 @@ class MeshRenderer:
 
     def __init__(self, faces, *, size=512, camera: Camera | None = None, samples: int = 4,
                  color=SKIN, background=BACKGROUND):
+        self._child = None
+        if isolated.needs_isolation():      # TensorFlow is loaded here: render in a child process
+            self.width, self.height = _image_size(size)
+            self._child = isolated.ChildRenderer(faces, size=size, camera=camera, samples=samples,
+                                                 color=color, background=background)
+            self.samples, self.renderer_name = self._child.info["samples"], self._child.info["renderer_name"]
+            self.ctx = None
+            return
         self.faces = normals_lib.check_faces(faces)
         self.width, self.height = _image_size(size)
         self.camera = camera
@@ -196,6 +207,8 @@ class MeshRenderer:
           InputError: wrong shape, NaN/inf, or a face index >= V.
           RenderError: the renderer was closed.
         """
+        if self._child is not None:
+            return self._child.render(vertices)
         if self.ctx is None:
             raise RenderError("MeshRenderer.render: the renderer is closed")
         single = np.ndim(vertices) == 2
@@ -232,6 +245,8 @@ class MeshRenderer:
 
     def close(self) -> None:
         """Releases the GL objects and the EGL context (idempotent)."""
+        if self._child is not None:
+            self._child.close()
         if getattr(self, "ctx", None) is None:
             return
         for name in ("_vao", "_vbo", "_ibo", "_msaa", "_resolve", "_program"):

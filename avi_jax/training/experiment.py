@@ -1,9 +1,12 @@
 """``train_and_evaluate(config, workdir)``: run a config's stages in order and collect their metrics.
 
-Imported by ``python -m avi_jax.train``, notebooks and tests alike. Writes ``<workdir>/config.json``
-(the resolved config, so inference can rebuild the model from a workdir alone) and
-``<workdir>/final_metrics.json`` (every stage's final metrics merged, plus ``stages: {name: metrics}``).
-A stage that already finished is skipped; an interrupted one resumes from its last checkpoint.
+Imported by ``python -m avi_jax.train``, notebooks and tests alike. A config is one stage family
+(``configs/instruct.py``, ``motion_prior.py``, ``style_prior.py``) or the whole system
+(``configs/avi_talking.py``: every family's stages into the same workdir, stage 1 then stage 2).
+Writes ``<workdir>/config.json`` (the resolved config, so inference can rebuild the model from a workdir
+alone) and ``<workdir>/final_metrics.json`` (every stage's final metrics merged, plus
+``stages: {name: metrics}``). A stage that already finished is skipped; an interrupted one resumes from
+its last checkpoint.
 """
 from __future__ import annotations
 
@@ -14,24 +17,42 @@ from typing import Any
 
 import jax
 
+from avi_jax.assembly.common import family_config
 from avi_jax.errors import ConfigError
 from avi_jax.training.loop import run_stage
 
+FAMILIES = ("instruct", "motion", "style")
 
-def _stage_classes(config: Any) -> tuple[Any, dict]:
-    if config.family == "instruct":
+
+def _stage_classes(family: str) -> tuple[Any, dict]:
+    if family == "instruct":
         from avi_jax.assembly.instruct import InstructSetup
         from avi_jax.training.instruct import STAGES
         return InstructSetup, STAGES
-    if config.family == "motion":
+    if family == "motion":
         from avi_jax.assembly.motion import MotionSetup
         from avi_jax.training.motion import STAGES
         return MotionSetup, STAGES
-    if config.family == "style":
+    if family == "style":
         from avi_jax.assembly.style import StyleSetup
         from avi_jax.training.style import STAGES
         return StyleSetup, STAGES
-    raise ConfigError(f"unknown config.family {config.family!r}")
+    raise ConfigError(f"unknown config.family {family!r}; expected one of {', '.join(FAMILIES)} or 'system'")
+
+
+def stage_plan(config: Any, workdir: str) -> list[tuple[str, Any, Any, str]]:
+    """(stage name, stage class, setup class, family config) for each stage of ``config.stages``, in
+    order. Raises ``ConfigError`` for an unknown family or stage."""
+    families = [f for f in FAMILIES if f in config] if config.family == "system" else [config.family]
+    known = {}
+    for family in families:
+        setup_cls, stages = _stage_classes(family)
+        known.update({name: (family, cls, setup_cls) for name, cls in stages.items()})
+    unknown = [s for s in config.stages if s not in known]
+    if unknown:
+        raise ConfigError(f"config.stages: unknown stage(s) {unknown}; known: {sorted(known)}")
+    return [(name, known[name][1], known[name][2], family_config(config, known[name][0], workdir))
+            for name in config.stages]
 
 
 def save_config(config: Any, workdir: str) -> None:
@@ -45,18 +66,18 @@ def save_config(config: Any, workdir: str) -> None:
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     """Train and evaluate every stage in ``config.stages``; returns the merged final metrics."""
-    setup_cls, stages = _stage_classes(config)
-    unknown = [s for s in config.stages if s not in stages]
-    if unknown:
-        raise ConfigError(f"config.stages: unknown stage(s) {unknown}; known: {sorted(stages)}")
+    plan = stage_plan(config, workdir)
     save_config(config, workdir)
-    setup = setup_cls(config, workdir)
     merged: dict[str, Any] = {"stages": {}}
-    for name in config.stages:
+    setups: dict[Any, Any] = {}
+    for name, stage_cls, setup_cls, family in plan:
         logging.info("=== stage %s ===", name)
-        metrics = run_stage(stages[name](setup), config)
+        if setup_cls not in setups:      # built when its family's first stage starts (it may need the last)
+            setups[setup_cls] = setup_cls(family, workdir)
+        metrics = run_stage(stage_cls(setups[setup_cls]), family)
         merged["stages"][name] = metrics
-        merged.update({k: v for k, v in metrics.items() if k != "steps"})
+        # a name another stage already reported (e.g. align's and style's retrieval_top1) gets a prefix
+        merged.update({k if k not in merged else f"{name}_{k}": v for k, v in metrics.items() if k != "steps"})
     if jax.process_index() == 0:
         path = os.path.join(workdir, "final_metrics.json")
         with open(path + ".tmp", "w") as f:
