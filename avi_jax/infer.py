@@ -58,11 +58,15 @@ def _check_paths(paths: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def _names(paths: Sequence[str]) -> list[str]:
     """Output folder names: the file stems, made unique with a suffix."""
-    out, seen = [], {}
+    out, used = [], set()
     for p in paths:
-        stem = os.path.splitext(os.path.basename(p))[0] or "audio"
-        seen[stem] = seen.get(stem, 0) + 1
-        out.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+        stem = name = os.path.splitext(os.path.basename(p))[0] or "audio"
+        k = 1
+        while name in used:
+            k += 1
+            name = f"{stem}_{k}"
+        used.add(name)
+        out.append(name)
     return out
 
 
@@ -87,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_render or args.meshes:
         from avi_jax.checkpoints.flame import load_flame_model
         path = system.flame_path(args.flame_model, args.workdir or style_wd, style_cfg.variant,
-                                 top.flame.model_path if top is not None else "")
+                                 top.flame.model_path if top is not None else "",
+                                 demo_seed=int(instruct_cfg.data.demo.seed))
         if path is None:
             raise ConfigError(f"no FLAME model to render with; {system._FLAME_HINT}")
         flame = load_flame_model(path)
@@ -112,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
+        except OSError as e:          # e.g. no permission to read it
+            print(f"error: {path}: unreadable ({e.strerror or e})", file=sys.stderr)
+            failed += 1
     if not clips:
         return EXIT_SOME_FAILED
     face = system.TalkingFace(instruct_cfg, instruct_wd, style_cfg, style_wd)
@@ -121,16 +129,20 @@ def run(args: argparse.Namespace) -> int:
         for r in per_sample:
             folder = os.path.join(args.out, name, f"sample_{r.sample}") if args.num_samples > 1 \
                 else os.path.join(args.out, name)
-            write_result(folder, r)
             line = f"{path}: {r.instruction}"
-            if flame is not None:
-                try:
+            try:
+                write_result(folder, r)
+                if flame is not None:
                     write_render(folder, flame, r, audio, size=size, render=not args.no_render,
                                  meshes=args.meshes)
-                except AviJaxError as e:
-                    print(f"error: {e}", file=sys.stderr)
-                    failed += 1
-                    continue
+            except AviJaxError as e:
+                print(f"error: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            except OSError as e:      # a full disk, an unwritable --out: this file fails, the others go on
+                print(f"error: {folder}: cannot write ({e})", file=sys.stderr)
+                failed += 1
+                continue
             if not args.no_render:
                 line += f"\n  -> {os.path.join(folder, 'render.mp4')}"
             print(line)

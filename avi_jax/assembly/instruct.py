@@ -59,6 +59,9 @@ def load_tokenizers(config: Any, workdir: str, data_path: str) -> dict[str, Any]
         llm = load_tokenizer(llm_path)
     elif os.path.isdir(folder := os.path.join(workdir, "tokenizer")):
         llm = load_tokenizer(folder)
+    elif data_path is None:
+        raise ConfigError(f"{folder}: no tokenizer (training writes the demo tokenizer there first; has the "
+                          f"run's first stage started?)")
     else:
         texts = common.instruction_texts(builder.open_split(data_path, config.data.train_split))
         llm = train_word_tokenizer(texts + list(instructions.INSTRUCTION_TEMPLATES), folder)

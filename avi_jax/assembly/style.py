@@ -243,11 +243,11 @@ class StyleSetup:
         instruction texts, K = ``num_samples`` each, with ``config.sampler``.
 
         ``keys``: (N,) PRNG keys, one per text: a text's samples depend only on it and its key, never on
-        the other texts of the call. N is padded to a multiple of 8 (one compilation per padded size).
+        the other texts of the call. Texts are sampled 8 at a time (padded: one compilation).
         ``params``: ``text_encoder``, ``aligner``, ``prior`` (unless no_diffusion), ``style_norm``.
         """
-        n = len(texts)
-        pad = (-n) % 8
+        n, chunk = len(texts), 8
+        pad = (-n) % chunk
         ids, mask = self.tokenize(list(texts) + [texts[0]] * pad)
         keys = jnp.concatenate([keys, jnp.repeat(keys[:1], pad, 0)]) if pad else keys
         if self._sample_fn is None:
@@ -255,7 +255,9 @@ class StyleSetup:
                 return self.sample_features(p, feature[None], key, k)[0]
             self._sample_fn = jax.jit(lambda p, i, m, ks, k: jax.vmap(one, (None, 0, 0, None))(
                 p, self.text_features(p["text_encoder"], i, m), ks, k), static_argnums=4)
-        return np.asarray(self._sample_fn(params, ids, mask, keys, int(num_samples)))[:n]
+        out = [np.asarray(self._sample_fn(params, ids[s:s + chunk], mask[s:s + chunk], keys[s:s + chunk],
+                                          int(num_samples))) for s in range(0, n + pad, chunk)]
+        return np.concatenate(out)[:n]
 
     def sample_features(self, params: dict, text: jax.Array, rng: jax.Array, num_samples: int = 1) -> jax.Array:
         """``style_prior.sample_style`` with ``config.sampler``: (B, text_dim) -> (B, K, D) raw styles."""

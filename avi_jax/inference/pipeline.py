@@ -29,7 +29,8 @@ class Options:
 
     Attributes:
       num_samples: K styles sampled per clip (diverse outputs from the diffusion prior).
-      seed: PRNG seed of the style sampling; sample k of every window uses ``fold_in(key(seed), k)``.
+      seed: PRNG seed of the style sampling: every window's K styles are drawn from ``key(seed)``
+        (so one instruction gives the same K styles wherever it occurs).
       instruction: a user-written instruction for every clip (skips the LLM; paper Sec. III-A).
       reference_motion: (S, 53) reference motion whose style (motion prior's encoder) drives every clip.
       window_seconds, overlap_seconds: the inference windows (``config.inference``).
@@ -103,8 +104,8 @@ def _batched(rows: list, options: Options, run) -> list:
     for frames, idx in sorted(by_bucket.items()):
         for start in range(0, len(idx), options.batch_size):
             part = idx[start:start + options.batch_size]
-            pad = options.batch_size - len(part) if len(idx) > options.batch_size else 0
-            results = run([rows[i] for i in part] + [rows[part[0]]] * pad)   # fixed batch, one compilation
+            pad = options.batch_size - len(part)      # always the same batch: one compilation per bucket
+            results = run([rows[i] for i in part] + [rows[part[0]]] * pad)
             for i, r in zip(part, results):
                 out[i] = r
     return out

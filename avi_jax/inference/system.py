@@ -44,9 +44,11 @@ def resolve_workdirs(workdir: str | None, instruct_workdir: str | None = None,
             family_config(load_workdir_config(style_workdir), "style", style_workdir), style_workdir)
 
 
-def flame_path(flame_model: str | None, workdir: str | None, variant: str, config_path: str = "") -> str | None:
+def flame_path(flame_model: str | None, workdir: str | None, variant: str, config_path: str = "",
+               demo_seed: int = 0) -> str | None:
     """The FLAME model file to use: ``--flame-model``, else the config's ``flame.model_path``, else (demo
-    and tiny runs) the demo's procedural stand-in head, written once under ``<workdir>/demo_head``.
+    and tiny runs) the demo's procedural stand-in head (its expression basis is that of the demo corpus of
+    ``demo_seed``), written once under ``<workdir>/demo_head``.
     None for the paper variant without a FLAME model."""
     if flame_model:
         if not os.path.isfile(flame_model) and not os.path.isdir(flame_model):
@@ -56,7 +58,7 @@ def flame_path(flame_model: str | None, workdir: str | None, variant: str, confi
         return config_path
     if variant in ("demo", "tiny") and workdir:
         from avi_jax.data.demo_head import write_demo_head
-        return write_demo_head(os.path.join(workdir, "demo_head"))
+        return write_demo_head(os.path.join(workdir, "demo_head"), seed=demo_seed)
     return None
 
 
@@ -72,12 +74,12 @@ class TalkingFace:
     """
 
     def __init__(self, instruct_config: Any, instruct_workdir: str, style_config: Any, style_workdir: str):
-        from avi_jax.assembly.instruct import InstructSetup
-        from avi_jax.assembly.motion import MotionPrior, load_motion_workdir
+        from avi_jax.assembly.motion import load_motion_workdir
         from avi_jax.assembly.style import StyleSetup
+        from avi_jax.models.motion import MotionPrior
 
-        self.instruct = InstructSetup(instruct_config, instruct_workdir, data=False)
-        self.instruct_params = self.instruct.load_trained()
+        self._instruct_args = (instruct_config, instruct_workdir)
+        self._instruct = None            # stage 1 loads on first use (not at all with --instruction)
         self.style = StyleSetup(style_config, style_workdir, data=False)
         self.style_params = self.style.load_trained()
         self.motion_setup, self.motion_params = load_motion_workdir(self.style.motion_workdir)
@@ -99,8 +101,21 @@ class TalkingFace:
         """Load from a whole-system workdir, or from separate stage-1 and style workdirs."""
         return cls(*resolve_workdirs(workdir, instruct_workdir, style_workdir))
 
+    @property
+    def instruct(self):
+        """The stage-1 ``InstructSetup`` (loaded with its parameters on first use)."""
+        return self._stage1()[0]
+
+    def _stage1(self):
+        if self._instruct is None:
+            from avi_jax.assembly.instruct import InstructSetup
+            setup = InstructSetup(*self._instruct_args, data=False)
+            self._instruct = (setup, setup.load_trained())
+        return self._instruct
+
     def instructions(self, audio: np.ndarray, mask: np.ndarray) -> list[str]:
-        return self.instruct.describe(self.instruct_params, audio, mask)
+        setup, params = self._stage1()
+        return setup.describe(params, audio, mask)
 
     def styles(self, texts: list[str], keys: jax.Array, num_samples: int) -> np.ndarray:
         return self.style.sample(self.style_params, texts, keys, num_samples=num_samples)

@@ -34,9 +34,9 @@ class Window(NamedTuple):
 def plan_windows(num_frames: int, window: int, overlap: int) -> list[Window]:
     """Cover ``num_frames`` frames with windows of ``window`` frames overlapping by ``overlap``.
 
-    One window ``[0, num_frames)`` when the recording fits; otherwise windows start every
-    ``window - overlap`` frames and the last one ends exactly at ``num_frames`` (so every window has the
-    full length and consecutive windows overlap by at least ``overlap`` frames).
+    One window ``[0, num_frames)`` when the recording fits; otherwise the fewest full-length windows whose
+    starts are evenly spaced from 0 to ``num_frames - window``, so consecutive windows overlap by at least
+    ``overlap`` frames (and only neighbours overlap).
 
     Raises ``ConfigError`` unless ``0 <= 2 * overlap < window`` (the two ramps of a window must not meet).
     """
@@ -45,9 +45,9 @@ def plan_windows(num_frames: int, window: int, overlap: int) -> list[Window]:
                           f"overlap={overlap} frames")
     if num_frames <= window:
         return [Window(0, int(num_frames))]
-    hop = window - overlap
-    starts = list(range(0, num_frames - window, hop)) + [num_frames - window]
-    return [Window(s, s + window) for s in starts]
+    count = -(-(num_frames - overlap) // (window - overlap))
+    starts = np.round(np.linspace(0, num_frames - window, count)).astype(int)
+    return [Window(int(s), int(s) + window) for s in starts]
 
 
 def crossfade_weights(windows: Sequence[Window]) -> list[np.ndarray]:

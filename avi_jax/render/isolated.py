@@ -47,7 +47,11 @@ class ChildRenderer:
         self._process = ctx.Process(target=_serve, args=(child, np.asarray(faces), options), daemon=True)
         self._process.start()
         child.close()
-        self.info = self._reply()     # {'samples', 'renderer_name'} of the child's renderer
+        try:
+            self.info = self._reply()     # {'samples', 'renderer_name'} of the child's renderer
+        except Exception:
+            self.close()
+            raise
 
     def _reply(self) -> Any:
         from avi_jax import errors
@@ -80,3 +84,6 @@ class ChildRenderer:
         self._conn.close()
         self._conn = None
         self._process.join(timeout=30)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout=5)
