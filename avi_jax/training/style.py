@@ -43,7 +43,7 @@ import numpy as np
 from avi_jax import sharding as mesh_lib
 from avi_jax.assembly import common
 from avi_jax.assembly.motion import target_motion
-from avi_jax.assembly.style import StyleSetup
+from avi_jax.assembly.style import STAGE, StyleSetup
 from avi_jax.data import builder, schema
 from avi_jax.errors import ConfigError
 from avi_jax.metrics.diversity import diversity
@@ -85,7 +85,7 @@ def _drop_audio(batch: dict) -> dict:
 
 class StyleStage(Stage):
     """Stage 2b: the instruction aligner and the x0 diffusion prior (see the module docstring)."""
-    name = "style"
+    name = STAGE
 
     def __init__(self, setup: StyleSetup):
         super().__init__(setup)
