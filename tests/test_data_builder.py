@@ -96,18 +96,37 @@ def test_failed_prepare_leaves_nothing_complete(tmp_path):
         yield _record("bad", expression=np.full((25, 50), np.inf, np.float32))
 
     source = {"train": [_record("a"), _record("b")], "test": bad_records}
+    data_dir = tmp_path / "data"
     with pytest.raises(InputError, match="bad: 'expression' holds NaN or infinite"):
-        builder.prepare(source, tmp_path, "broken")
-    root = tmp_path / "clip_dataset" / "broken"
-    leftovers = [p for p in root.rglob("*")] if root.exists() else []
-    assert not any(p.name == "dataset_info.json" for p in leftovers), leftovers
-    assert not (root / builder.VERSION).exists()
+        builder.prepare(source, data_dir, "broken")
+    root = data_dir / "clip_dataset" / "broken"
+    assert not data_dir.exists(), sorted(str(p) for p in data_dir.rglob("*"))   # not even empty folders
     with pytest.raises(InputError):
         builder.open_split(root / builder.VERSION, "train")
+    # Folders that were there before are kept; only what the failed build created goes.
+    (data_dir / "clip_dataset").mkdir(parents=True)
+    with pytest.raises(InputError):
+        builder.prepare(source, data_dir, "broken")
+    assert sorted(p.name for p in data_dir.rglob("*")) == ["clip_dataset"]
     # A fixed source then prepares under the same name.
     source["test"] = [_record("c")]
-    path = builder.prepare(source, tmp_path, "broken")
+    path = builder.prepare(source, data_dir, "broken")
     assert len(builder.open_split(path, "test")) == 1
+    assert sorted(p.name for p in data_dir.iterdir()) == ["clip_dataset"]     # no empty downloads/
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_duplicate_and_leaking_clip_ids_are_refused(tmp_path, lazy):
+    def split(*recs):
+        return (lambda: iter(recs)) if lazy else list(recs)
+
+    cases = [({"train": split(_record("a"), _record("b"), _record("a"))}, r"a: duplicate clip_id in split 'train'"),
+             ({"train": split(_record("a"), _record("b")), "test": split(_record("c"), _record("b"))},
+              r"b: clip id is in split '(train|test)' and in split '(train|test)'.*leaks")]
+    for i, (source, pattern) in enumerate(cases):
+        with pytest.raises(InputError, match=pattern):
+            builder.prepare(source, tmp_path / "data", f"dup{i}")
+        assert not (tmp_path / "data").exists()
 
 
 def _write_manifest(tmp_path, lines):
@@ -184,6 +203,39 @@ def test_bad_manifest_lines_name_line_and_file(tmp_path, case):
         (tmp_path / "data" / "clip_dataset").rglob("dataset_info.json"))
 
 
+def test_manifest_duplicate_clip_id_is_found_before_anything_is_read(tmp_path):
+    sf.write(tmp_path / "ok.wav", 0.1 * np.ones(16000), 16000)
+    manifest = _write_manifest(tmp_path, [
+        {"audio": "ok.wav", "instruction": "x", "clip_id": "clip7"},
+        {"audio": "not_decoded_yet.wav", "instruction": "x"},            # would fail if read first
+        "# a comment",
+        {"audio": "ok.wav", "instruction": "y", "clip_id": "clip7"},
+    ])
+    with pytest.raises(InputError) as err:
+        manifest_lib.prepare_manifest(manifest, tmp_path / "data")
+    msg = str(err.value)
+    assert msg.startswith(f"{manifest}:4: duplicate clip_id 'clip7' (already at {manifest}:1)"), msg
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("same", ["clip_id", "audio"])
+def test_manifest_clip_in_two_splits_is_refused(tmp_path, same):
+    sf.write(tmp_path / "a.wav", 0.1 * np.ones(16000), 16000)
+    sf.write(tmp_path / "b.wav", 0.1 * np.ones(16000), 16000)
+    first = {"audio": "a.wav", "instruction": "x", "clip_id": "s1_001"}
+    second = {"audio": "b.wav", "instruction": "x", "clip_id": "s1_001", "split": "test"}
+    if same == "audio":      # the same recording under another id (default ids differ by line)
+        del first["clip_id"], second["clip_id"]
+        second["audio"] = str(tmp_path / "a.wav")
+    manifest = _write_manifest(tmp_path, [first, {"audio": "b.wav", "instruction": "z", "split": "validation"},
+                                          second])
+    with pytest.raises(InputError, match="leaks training data") as err:
+        manifest_lib.prepare_manifest(manifest, tmp_path / "data")
+    msg = str(err.value)
+    assert f"{manifest}:3" in msg and f"{manifest}:1" in msg and "'test'" in msg and "'train'" in msg, msg
+    assert not (tmp_path / "data").exists()
+
+
 def test_prepare_cli(tmp_path, capsys):
     from avi_jax.data import prepare
     assert prepare.main(["--data_dir", str(tmp_path), "--demo", "--num_speakers", "4", "--clip_seconds", "0.5"]) == 0
@@ -225,8 +277,28 @@ def test_prepare_cli_subcommands(tmp_path, capsys):
                          "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "refused clips: 0" in out and "test" in out
+    assert "reused" not in out, out                     # a first build is not "already prepared"
     assert len(builder.open_split(out.strip().splitlines()[-1], "test")) == 48
+    assert prepare.main(["demo", "--out", str(tmp_path), "--num_speakers", "4", "--clip_seconds", "0.5",
+                         "--no-progress"]) == 0
+    assert "(already prepared; reused)" in capsys.readouterr().out
     sf.write(tmp_path / "a.wav", 0.1 * np.ones(16000), 16000)
     (tmp_path / "m.jsonl").write_text('{"audio": "a.wav", "instruction": "x"}\n')
     assert prepare.main(["manifest", "--source", str(tmp_path / "m.jsonl"), "--out", str(tmp_path)]) == 0
-    assert len(builder.open_split(capsys.readouterr().out.strip().splitlines()[-1], "train")) == 1
+    out = capsys.readouterr().out
+    assert "reused" not in out, out
+    assert len(builder.open_split(out.strip().splitlines()[-1], "train")) == 1
+    assert prepare.main(["manifest", "--source", str(tmp_path / "m.jsonl"), "--out", str(tmp_path)]) == 0
+    assert "(already prepared; reused)" in capsys.readouterr().out
+
+
+def test_prepare_cli_refuses_duplicates_and_leaves_no_folders(tmp_path, capsys):
+    from avi_jax.data import prepare
+    sf.write(tmp_path / "a.wav", 0.1 * np.ones(16000), 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"audio": "a.wav", "instruction": "x", "clip_id": "c"}\n'
+                        '{"audio": "a.wav", "instruction": "x", "clip_id": "c", "split": "test"}\n')
+    assert prepare.main(["manifest", "--source", str(manifest), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{manifest}:2" in err and f"{manifest}:1" in err and "two splits" in err, err
+    assert not (tmp_path / "out").exists()

@@ -254,3 +254,17 @@ def test_prepared_mead_trains_the_instruction_stage(prepared, tmp_path):
     losses = [v for k, v in metrics.items() if "loss" in k and isinstance(v, float)]
     assert losses and all(np.isfinite(losses)), metrics
     assert os.path.isdir(tmp_path / "work" / "tokenizer")      # trained from the prepared training split
+
+
+def test_two_files_of_one_clip_are_refused_before_building(tmp_path):
+    adir = tmp_path / "MEAD" / "M003" / "audio" / "angry" / "level_1"
+    adir.mkdir(parents=True)
+    for name in ("001.m4a", "001.wav"):          # scan never decodes: empty files are enough
+        (adir / name).write_bytes(b"")
+    with pytest.raises(InputError, match="duplicate MEAD clip M003_angry_level_1_001") as err:
+        mead.scan(tmp_path / "MEAD")
+    assert str(adir / "001.m4a") in str(err.value) and str(adir / "001.wav") in str(err.value)
+    (tmp_path / "labels.jsonl").write_text('{"clip_id": "M003_angry_level_1_001", "instruction": "x"}\n')
+    with pytest.raises(InputError, match="duplicate MEAD clip"):
+        mead.prepare_mead(tmp_path / "MEAD", tmp_path / "labels.jsonl", tmp_path / "data")
+    assert not (tmp_path / "data").exists()

@@ -173,3 +173,17 @@ def test_labels_and_strict_cli(tree, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--strict" in err and "03-01-09-01-01-01-07.wav" in err
     assert not list((tmp_path / "data").rglob("dataset_info.json"))
+
+
+def test_one_clip_found_twice_is_refused_before_building(tmp_path):
+    name = "03-01-05-01-01-01-01.wav"
+    for folder in ("Actor_01", "copy/Actor_01"):
+        (tmp_path / "RAVDESS" / folder).mkdir(parents=True)
+        (tmp_path / "RAVDESS" / folder / name).write_bytes(b"")   # scan never decodes
+    with pytest.raises(InputError, match="duplicate RAVDESS clip 03-01-05-01-01-01-01") as err:
+        ravdess.scan(tmp_path / "RAVDESS")
+    msg = str(err.value)
+    assert os.path.join("Actor_01", name) in msg and os.path.join("copy", "Actor_01", name) in msg, msg
+    with pytest.raises(InputError, match="duplicate RAVDESS clip"):
+        ravdess.prepare_ravdess(tmp_path / "RAVDESS", tmp_path / "data")
+    assert not (tmp_path / "data").exists()

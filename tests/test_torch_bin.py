@@ -3,24 +3,24 @@ from __future__ import annotations
 
 import builtins
 import collections
-import io
 import json
 import os
 import pickle
 import zipfile
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-
-from avi_jax.checkpoints.hf_folder import HFCheckpoint  # noqa: E402
-from avi_jax.checkpoints.torch_bin import load_torch_bin  # noqa: E402
-from avi_jax.errors import CheckpointError, UnsafePickleError  # noqa: E402
+from avi_jax.checkpoints.hf_folder import HFCheckpoint
+from avi_jax.checkpoints.torch_bin import load_torch_bin
+from avi_jax.errors import CheckpointError, UnsafePickleError
 
 
-def _as_numpy(t: "torch.Tensor") -> np.ndarray:
+def _as_numpy(t) -> np.ndarray:
     """Reference value: bit patterns for dtypes numpy lacks, else ``Tensor.numpy()``."""
+    import torch
     t = t.detach().contiguous()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy()
@@ -38,6 +38,7 @@ def _bits(a: np.ndarray) -> np.ndarray:
 
 
 def test_round_trip_dtypes_views_and_shared_storage(tmp_path):
+    torch = pytest.importorskip("torch")
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(4, 6, generator=gen)
     state = collections.OrderedDict(
@@ -78,6 +79,7 @@ def test_round_trip_dtypes_views_and_shared_storage(tmp_path):
 
 
 def test_hf_checkpoint_reads_bin_folders(tmp_path):
+    torch = pytest.importorskip("torch")
     lin = torch.nn.Linear(3, 2)
     (tmp_path / "config.json").write_text("{}")
     torch.save(lin.state_dict(), tmp_path / "pytorch_model.bin")
@@ -131,33 +133,29 @@ def test_malicious_pickle_is_refused_without_running(kind, tmp_path):
     assert not marker.exists()
 
 
+def _frag(obj) -> bytes:
+    """The pickle opcodes of a plain value (no PROTO/STOP), to splice into a hand-assembled pickle."""
+    return pickle.dumps(obj, protocol=2)[2:-1]
+
+
+def _torch_pickle(tensors: dict, numel: int = 4, storage_type: str = "FloatStorage") -> bytes:
+    """A torch-style state-dict pickle assembled by hand (no torch needed):
+    ``{name: _rebuild_tensor_v2(storage key, offset, size, stride, False, {})}`` for ``name -> (key,
+    offset, size, stride)``; storages are persistent ids ``('storage', torch.<storage_type>, key, 'cpu',
+    numel)``."""
+    out = b"\x80\x02}"                                              # PROTO 2, EMPTY_DICT
+    for name, (key, offset, size, stride) in tensors.items():
+        out += _frag(name) + b"ctorch._utils\n_rebuild_tensor_v2\n("  # GLOBAL, MARK
+        out += (b"(" + _frag("storage") + b"ctorch\n" + storage_type.encode() + b"\n" + _frag(key)
+                + _frag("cpu") + _frag(numel) + b"tQ")                  # persistent id: TUPLE, BINPERSID
+        out += _frag(offset) + _frag(tuple(size)) + _frag(tuple(stride)) + b"\x89}"  # NEWFALSE, {}
+        out += b"tRs"                                                   # TUPLE, REDUCE, SETITEM
+    return out + b"."
+
+
 def _crafted_tensor_pickle(size, stride, offset=0, numel=4) -> bytes:
     """A torch-style pickle of {'w': _rebuild_tensor_v2(storage '0', offset, size, stride)}."""
-    import torch._utils
-
-    class Storage:
-        pass
-
-    class Tensor:
-        pass
-
-    storage = Storage()
-
-    class P(pickle.Pickler):
-        def persistent_id(self, obj):
-            if obj is storage:
-                return ("storage", torch.FloatStorage, "0", "cpu", numel)
-            return None
-
-        def reducer_override(self, obj):
-            if isinstance(obj, Tensor):
-                return torch._utils._rebuild_tensor_v2, (
-                    storage, offset, size, stride, False, collections.OrderedDict())
-            return NotImplemented
-
-    buf = io.BytesIO()
-    P(buf, protocol=2).dump({"w": Tensor()})
-    return buf.getvalue()
+    return _torch_pickle({"w": ("0", offset, size, stride)}, numel=numel)
 
 
 def test_out_of_bounds_layout_is_refused(tmp_path):
@@ -186,3 +184,81 @@ def test_malformed_files(tmp_path):
                      {"archive/data/0": np.zeros(4, np.float32).tobytes()})
     with pytest.raises(UnsafePickleError):
         load_torch_bin(str(truncated))
+
+
+# ---- resource bombs: refused before anything large is allocated ------------------------------------------
+
+_PEAK_LIMIT = 32 << 20     # bytes; each bomb below would expand to >= 256 MiB
+
+
+def _peak_while_refused(path, match: str) -> int:
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=match) as info:
+            load_torch_bin(str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(info.value)
+    return peak
+
+
+@pytest.mark.parametrize("size,stride,numel", [
+    ((2 ** 28,), (0,), 1),                   # stride 0: 4 bytes -> 1 GiB
+    ((50_000_000_000,), (0,), 1),            # declared 186 GiB (numpy MemoryError before)
+    ((2 ** 14, 2 ** 14), (1, 1), 2 ** 15),   # overlapping rows: 128 KiB -> 1 GiB
+    ((2 ** 20, 2 ** 20, 1), (0, 1, 2 ** 80), 2 ** 20),   # stride 0 on one axis + absurd unused stride
+])
+def test_declared_size_beyond_storage_is_refused(tmp_path, size, stride, numel):
+    path = tmp_path / "pytorch_model.bin"
+    pkl = _torch_pickle({"encoder.weight": ("0", 0, size, stride)}, numel=numel)
+    _zip_with_pickle(path, pkl, {"archive/data/0": np.zeros(numel, np.float32).tobytes()})
+    assert path.stat().st_size < (numel * 4 + 4096)
+    peak = _peak_while_refused(path, r"tensor 'encoder\.weight'.*storage holds only")
+    assert peak < _PEAK_LIMIT + numel * 8
+
+
+def test_tensors_together_beyond_the_file_are_refused(tmp_path):
+    # Each tensor fits its 1 MiB storage, but 600 full views of it would be 600 MiB from a ~1 MiB file.
+    numel = 2 ** 18
+    path = tmp_path / "pytorch_model.bin"
+    pkl = _torch_pickle({f"layer{i}.w": ("0", 0, (numel,), (1,)) for i in range(600)}, numel=numel)
+    _zip_with_pickle(path, pkl, {"archive/data/0": np.zeros(numel, np.float32).tobytes()})
+    peak = _peak_while_refused(path, r"tensor 'layer\d+\.w'.*more than 4x the file")
+    assert peak < 200 << 20
+
+
+def test_compressed_entry_is_refused(tmp_path):
+    numel = 2 ** 26                              # 256 MiB of zeros, deflated to ~256 KiB
+    path = tmp_path / "pytorch_model.bin"
+    with zipfile.ZipFile(path, "w", compresslevel=9) as zf:
+        zf.writestr("archive/data.pkl", _crafted_tensor_pickle((numel,), (1,), numel=numel))
+        info = zipfile.ZipInfo("archive/data/0")
+        info.compress_type = zipfile.ZIP_DEFLATED
+        chunk = bytes(1 << 20)
+        with zf.open(info, "w") as f:
+            for _ in range(numel * 4 // len(chunk)):
+                f.write(chunk)
+    assert path.stat().st_size < 2 << 20
+    peak = _peak_while_refused(path, r"'archive/data/0' is compressed")
+    assert peak < _PEAK_LIMIT
+
+
+def test_entry_larger_than_the_archive_is_refused(tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    _zip_with_pickle(path, _crafted_tensor_pickle((4,), (1,)),
+                     {"archive/data/0": np.zeros(4, np.float32).tobytes()})
+    raw = bytearray(path.read_bytes())
+    # Claim 3 GiB for the storage in the central directory (compressed and uncompressed sizes).
+    name = b"archive/data/0"
+    pos = 0
+    while True:
+        pos = raw.index(b"PK\x01\x02", pos)
+        nlen = int.from_bytes(raw[pos + 28: pos + 30], "little")
+        if raw[pos + 46: pos + 46 + nlen] == name:
+            break
+        pos += 4
+    raw[pos + 20: pos + 28] = (3 << 30).to_bytes(4, "little") * 2
+    path.write_bytes(bytes(raw))
+    peak = _peak_while_refused(path, r"'archive/data/0' declares 3221225472 bytes")
+    assert peak < _PEAK_LIMIT

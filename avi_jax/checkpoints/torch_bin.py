@@ -11,11 +11,20 @@ the dtypes listed below and ``collections.OrderedDict`` resolve, each to a numpy
 here; any other global (``os.system``, ``builtins.eval``, ...) raises ``UnsafePickleError`` before
 anything is called. Offsets and strides are honoured (views, transposes, storages shared between
 tensors) and checked against the storage size, and every returned array owns its memory.
+
+The file is untrusted input, so its resources are bounded too: zip entries must be stored (torch.save
+never compresses; a deflated entry can expand a thousandfold) and no larger than the archive; the
+rebuild functions only record each tensor's layout, which is checked (declared bytes and last element
+against its storage: no stride-0 or overlapping expansion) before its copy is allocated; and all tensors
+together may hold at most ``max(4 x file size, 64 MiB)``. A refusal is a ``CheckpointError`` naming the
+file and the tensor.
 """
 from __future__ import annotations
 
 import collections
+import os
 import zipfile
+import zlib
 from typing import Any
 
 import ml_dtypes
@@ -87,14 +96,38 @@ class _Storage:
         self.data, self.source = data, source
 
 
+class _Tensor:
+    """A tensor as the pickle declares it: nothing is allocated until ``load_torch_bin`` has checked
+    its layout against the bytes its storage really holds."""
+
+    def __init__(self, storage: _Storage, elements: np.ndarray, offset: Any, size: Any, stride: Any):
+        self.storage, self.elements = storage, elements
+        self.offset, self.size, self.stride = offset, size, stride
+
+
+# numpy's limit on the number of dimensions.
+_MAX_DIMS = 64
+# All tensors of one file together may hold at most this many times the file's bytes (views and tied
+# weights share storages, so a little more than 1x is normal) -- and at least _MIN_BUDGET bytes.
+_EXPANSION = 4
+_MIN_BUDGET = 64 << 20
+
+
 def _check_layout(storage: np.ndarray, offset: Any, size: Any, stride: Any, source: str) -> tuple:
+    """Validate a tensor layout against its storage before anything is allocated.
+
+    Checks: integer offset/size/stride of equal length, none negative, at most 64 dimensions, the last
+    element addressed inside the storage, and the declared size (numel x itemsize) not larger than the
+    storage's bytes (a stride-0 or overlapping layout cannot expand a small storage into a huge array).
+    """
     try:
         offset = int(offset)
         size = tuple(int(s) for s in size)
         stride = tuple(int(s) for s in stride)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: malformed tensor layout ({e})") from None
-    if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
+    if (len(size) != len(stride) or len(size) > _MAX_DIMS or offset < 0 or any(s < 0 for s in size)
+            or any(s < 0 for s in stride)):
         raise CheckpointError(
             f"{source}: invalid tensor layout offset={offset} size={size} stride={stride}")
     if 0 not in size:
@@ -103,6 +136,16 @@ def _check_layout(storage: np.ndarray, offset: Any, size: Any, stride: Any, sour
             raise CheckpointError(
                 f"{source}: tensor (offset {offset}, size {size}, stride {stride}) reaches element {last} "
                 f"of a storage with {storage.size} elements")
+        numel = 1
+        for n in size:
+            numel *= n
+        if numel > storage.size:
+            raise CheckpointError(
+                f"{source}: tensor of size {size} declares {numel * storage.dtype.itemsize} bytes "
+                f"({numel} elements, stride {stride}) but its storage holds only {storage.nbytes} bytes; "
+                "refusing to expand it")
+    # The stride of a length-1 dimension is never used; keep it from overflowing numpy's byte strides.
+    stride = tuple(0 if n == 1 else s for n, s in zip(size, stride))
     return offset, size, stride
 
 
@@ -117,34 +160,31 @@ def _view(storage: np.ndarray, offset: int, size: tuple, stride: tuple) -> np.nd
 
 def _rebuild_tensor_v2(storage: _Storage, storage_offset: int, size: tuple, stride: tuple,
                        requires_grad: bool = False, backward_hooks: Any = None,
-                       metadata: Any = None) -> np.ndarray:
+                       metadata: Any = None) -> _Tensor:
     if not isinstance(storage, _Storage):
         raise CheckpointError("torch checkpoint: tensor rebuilt from something that is not a storage")
-    offset, size, stride = _check_layout(storage.data, storage_offset, size, stride, storage.source)
-    return _view(storage.data, offset, size, stride)
+    return _Tensor(storage, storage.data, storage_offset, size, stride)
 
 
 def _rebuild_tensor_v3(storage: _Storage, storage_offset: int, size: tuple, stride: tuple,
                        requires_grad: bool, backward_hooks: Any, dtype: _DType,
-                       metadata: Any = None) -> np.ndarray:
+                       metadata: Any = None) -> _Tensor:
     if not isinstance(storage, _Storage) or not isinstance(dtype, _DType):
         raise CheckpointError("torch checkpoint: malformed _rebuild_tensor_v3 call")
     raw = storage.data
     if raw.dtype != np.uint8 or raw.size % dtype.dtype.itemsize:
         raise CheckpointError(f"{storage.source}: storage of {raw.size} bytes ({raw.dtype}) cannot hold "
                               f"{dtype.name} elements")
-    typed = raw.view(dtype.dtype)
-    offset, size, stride = _check_layout(typed, storage_offset, size, stride, storage.source)
-    return _view(typed, offset, size, stride)
+    return _Tensor(storage, raw.view(dtype.dtype), storage_offset, size, stride)
 
 
-def _rebuild_parameter(data: np.ndarray, requires_grad: bool = False, backward_hooks: Any = None
-                       ) -> np.ndarray:
+def _rebuild_parameter(data: _Tensor, requires_grad: bool = False, backward_hooks: Any = None
+                       ) -> _Tensor:
     return data
 
 
-def _rebuild_parameter_with_state(data: np.ndarray, requires_grad: bool, backward_hooks: Any,
-                                  state: Any) -> np.ndarray:
+def _rebuild_parameter_with_state(data: _Tensor, requires_grad: bool, backward_hooks: Any,
+                                  state: Any) -> _Tensor:
     return data
 
 
@@ -171,6 +211,29 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     return allowed
 
 
+def _member(zf: zipfile.ZipFile, name: str, path: str, archive_size: int) -> zipfile.ZipInfo:
+    """The zip entry ``name``, refused if compressed or declaring more bytes than the archive has."""
+    info = zf.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(
+            f"{path}: zip entry '{name}' is compressed (method {info.compress_type}); torch.save stores "
+            "checkpoint entries uncompressed, and a compressed entry can expand far beyond the file's "
+            "size -- refusing it (re-save the checkpoint with torch.save)")
+    if info.file_size > archive_size or info.compress_size != info.file_size:
+        raise CheckpointError(
+            f"{path}: zip entry '{name}' declares {info.file_size} bytes ({info.compress_size} stored) in "
+            f"an archive of {archive_size} bytes; the file is damaged or crafted")
+    return info
+
+
+def _read(zf: zipfile.ZipFile, name: str, path: str, archive_size: int) -> bytes:
+    _member(zf, name, path, archive_size)
+    try:
+        return zf.read(name)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: zip entry '{name}' cannot be read ({type(e).__name__}: {e})") from None
+
+
 def load_torch_bin(path: str) -> dict[str, np.ndarray]:
     """Read a ``torch.save`` zip checkpoint (a state dict) into ``{name: np.ndarray}``.
 
@@ -178,15 +241,28 @@ def load_torch_bin(path: str) -> dict[str, np.ndarray]:
     those of the saved tensors (each result is a C-contiguous copy). Nested non-tensor entries are
     dropped; nested dicts of tensors are flattened with '.' (e.g. ``{'model': {...}}`` -> 'model.x').
 
+    The file is untrusted: zip entries must be stored uncompressed (as torch.save writes them) and no
+    larger than the archive; every tensor's declared size (numel x itemsize) and strides are checked
+    against the bytes of its storage before anything is allocated (no stride-0 or overlapping expansion),
+    and all tensors together may not exceed ``max(4 x file size, 64 MiB)``. Memory use stays within a
+    small multiple of the file's size.
+
     Raises:
       UnsafePickleError: the pickle names a global outside the allow-list (nothing was executed).
-      CheckpointError: not a zip checkpoint (legacy torch < 1.6 format), missing storages, or tensor
-        layouts that do not fit their storages.
+      CheckpointError: not a zip checkpoint (legacy torch < 1.6 format), missing storages, compressed or
+        oversized zip entries, or tensor layouts/sizes that do not fit their storages (naming the file and
+        the tensor).
     """
+    path = os.fspath(path)
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a zip-format PyTorch checkpoint (the legacy torch<1.6 "
                               "format is not supported; re-save it with torch.save)")
-    with zipfile.ZipFile(path) as zf:
+    archive_size = os.path.getsize(path)
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: damaged zip archive ({type(e).__name__}: {e})") from None
+    with zf:
         names = zf.namelist()
         pickles = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
         pickles = [n for n in pickles if n.count("/") <= 1]
@@ -195,7 +271,7 @@ def load_torch_bin(path: str) -> dict[str, np.ndarray]:
         root = pickles[0][: -len("data.pkl")]
         big_endian = False
         if f"{root}byteorder" in names:
-            big_endian = zf.read(f"{root}byteorder").strip() == b"big"
+            big_endian = _read(zf, f"{root}byteorder", path, archive_size).strip() == b"big"
         storages: dict[str, _Storage] = {}
 
         def persistent_load(pid: Any) -> _Storage:
@@ -210,7 +286,7 @@ def load_torch_bin(path: str) -> dict[str, np.ndarray]:
                 if member not in names:
                     raise CheckpointError(f"{path}: storage '{member}' is missing from the zip")
                 dtype = storage_type.dtype
-                raw = zf.read(member)
+                raw = _read(zf, member, path, archive_size)
                 if len(raw) % dtype.itemsize:
                     raise CheckpointError(f"{path}: storage '{member}' has {len(raw)} bytes, not a "
                                           f"multiple of {dtype.itemsize} ({storage_type!r})")
@@ -220,19 +296,34 @@ def load_torch_bin(path: str) -> dict[str, np.ndarray]:
                 storages[key] = _Storage(data, f"{path}:{member}")
             return storages[key]
 
+        _member(zf, pickles[0], path, archive_size)
         with zf.open(pickles[0]) as f:
             obj = restricted_load(f, _allowed_globals(), source=f"{path}:{pickles[0]}",
                                   persistent_load=persistent_load)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
     out: dict[str, np.ndarray] = {}
+    budget = max(_EXPANSION * archive_size, _MIN_BUDGET)
+    used = 0
 
-    def flatten(d: dict, prefix: str) -> None:
+    def flatten(d: dict, prefix: str, depth: int = 0) -> None:
+        nonlocal used
+        if depth > 100:
+            raise CheckpointError(f"{path}: state dict nested more than 100 levels deep")
         for k, v in d.items():
-            if isinstance(v, np.ndarray):
-                out[prefix + str(k)] = v
+            name = prefix + str(k)
+            if isinstance(v, _Tensor):
+                where = f"{path}: tensor '{name}' (storage {v.storage.source.rsplit(':', 1)[-1]})"
+                offset, size, stride = _check_layout(v.elements, v.offset, v.size, v.stride, where)
+                nbytes = int(np.prod(size, dtype=object) if size else 1) * v.elements.dtype.itemsize
+                if used + nbytes > budget:
+                    raise CheckpointError(
+                        f"{where}: the tensors read so far hold {used + nbytes} bytes, more than "
+                        f"{_EXPANSION}x the file's {archive_size} bytes; refusing to expand it further")
+                used += nbytes
+                out[name] = _view(v.elements, offset, size, stride)
             elif isinstance(v, dict):
-                flatten(v, f"{prefix}{k}.")
+                flatten(v, f"{name}.", depth + 1)
 
     flatten(obj, "")
     return out

@@ -113,6 +113,7 @@ class ClipDataset(tfds.core.GeneratorBasedBuilder):
         self._strict = bool(strict)
         self._progress = bool(progress)
         self.refusals: list[Refusal] = []
+        self._split_of: dict[str, str] = {}     # clip id -> split, over all splits (duplicates, leakage)
         self.clip_counts: dict[str, int] = {}
         self.audio_seconds: dict[str, float] = {}
         super().__init__(**kwargs)
@@ -153,8 +154,7 @@ class ClipDataset(tfds.core.GeneratorBasedBuilder):
                 self.refusals.append(rec)
                 continue
             ex = validate_record(rec)
-            if ex["clip_id"] in seen:
-                raise InputError(f"{ex['clip_id']}: duplicate clip_id in split '{split}'")
+            _check_clip_id(ex["clip_id"], split, self._split_of)
             seen.add(ex["clip_id"])
             self.clip_counts[split] += 1
             self.audio_seconds[split] += ex["audio"].size / schema.SAMPLE_RATE
@@ -165,6 +165,55 @@ class ClipDataset(tfds.core.GeneratorBasedBuilder):
         if not seen:   # tfds cannot write an empty split
             raise InputError(f"split '{split}' has no usable clip" + (
                 f"; all {len(refused)} were refused:\n" + "\n".join(f"  {r}" for r in refused) if refused else ""))
+
+
+def _check_clip_id(clip_id: str, split: str, split_of: dict[str, str]) -> None:
+    """Record ``clip_id`` in ``split``; a clip id seen before (same split: duplicate; another split:
+    train/test leakage) raises InputError."""
+    other = split_of.get(clip_id)
+    if other == split:
+        raise InputError(f"{clip_id}: duplicate clip_id in split '{split}'; clip ids must be unique")
+    if other is not None:
+        raise InputError(f"{clip_id}: clip id is in split '{other}' and in split '{split}'; one clip in two "
+                         "splits leaks training data into evaluation -- give each clip exactly one split")
+    split_of[clip_id] = split
+
+
+def check_clip_ids(source: Source) -> None:
+    """Find duplicate clip ids and clips in two splits among the splits of ``source`` that are already
+    materialised (lists/tuples of records), before anything is built; lazy splits are checked as they are
+    written.
+
+    Raises:
+      InputError: naming the clip id and the split(s).
+    """
+    split_of: dict[str, str] = {}
+    for split, items in source.items():
+        if not isinstance(items, (list, tuple)):
+            continue
+        for rec in items:
+            if isinstance(rec, Refusal) or not isinstance(rec, Mapping) or "clip_id" not in rec:
+                continue
+            _check_clip_id(str(rec["clip_id"]), split, split_of)
+
+
+def _missing_dirs(data_dir: str, config_name: str) -> list[str]:
+    """The folders a build may create under ``data_dir`` that do not exist yet (deepest first)."""
+    cands = [os.path.join(data_dir, "downloads", "extracted"), os.path.join(data_dir, "downloads"),
+             os.path.join(data_dir, "clip_dataset", config_name, VERSION),
+             os.path.join(data_dir, "clip_dataset", config_name), os.path.join(data_dir, "clip_dataset"),
+             data_dir]
+    return [d for d in cands if not os.path.exists(d)]
+
+
+def _remove_empty(dirs: list[str]) -> None:
+    """``rmdir`` each of ``dirs`` (deepest first) that exists and is empty (never anything with content)."""
+    for d in dirs:
+        try:
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+        except OSError:
+            pass
 
 
 def prepare(source: Source, data_dir: str | os.PathLike, config_name: str, *, description: str = "",
@@ -196,33 +245,48 @@ def prepare_dataset(source: Source, data_dir: str | os.PathLike, config_name: st
     delete an existing prepared copy first and prepare again. With ``strict``, a reused dataset whose
     report lists refusals also fails.
 
+    Duplicate clip ids and clips in two splits are refused: before anything is written for splits given as
+    lists, while writing for lazy ones. A failed build leaves neither a dataset nor the empty folders it
+    created behind.
+
     Raises:
-      InputError: an invalid record (names the clip); with ``strict``, any refused clip (the message lists
-        them); a split without any usable clip (tfds cannot write an empty split; the message lists its
-        refusals).
+      InputError: an invalid record (names the clip); a duplicate clip id or one clip in two splits; with
+        ``strict``, any refused clip (the message lists them); a split without any usable clip (tfds cannot
+        write an empty split; the message lists its refusals).
     """
     data_dir = os.fspath(data_dir)
+    existing = os.path.join(data_dir, "clip_dataset", config_name, VERSION)
+    if not force and is_complete(existing):
+        log.info("reusing prepared dataset %s", existing)
+        return read_result(existing, strict)
+    check_clip_ids(source)        # duplicates and leakage among materialised splits: before any folder
     if force:   # before the builder exists: tfds reads an existing dataset's info when it is constructed
-        old = os.path.join(data_dir, "clip_dataset", config_name, VERSION)
-        if os.path.isdir(old):
-            shutil.rmtree(old)
-    config = tfds.core.BuilderConfig(name=config_name, version=VERSION, description=description)
-    builder = ClipDataset(source=source, description=description, data_dir=data_dir, config=config,
-                          file_format="array_record", strict=strict, progress=progress)
-    path = os.fspath(builder.data_dir)
-    if is_complete(path):
-        log.info("reusing prepared dataset %s", path)
-        return read_result(path, strict)
+        if os.path.isdir(existing):
+            shutil.rmtree(existing)
+    created = _missing_dirs(data_dir, config_name)
+    downloads = [d for d in created if d.startswith(os.path.join(data_dir, "downloads"))]
+    path = existing
     try:
+        config = tfds.core.BuilderConfig(name=config_name, version=VERSION, description=description)
+        builder = ClipDataset(source=source, description=description, data_dir=data_dir, config=config,
+                              file_format="array_record", strict=strict, progress=progress)
+        path = os.fspath(builder.data_dir)
+        if is_complete(path):
+            log.info("reusing prepared dataset %s", path)
+            _remove_empty(downloads)
+            return read_result(path, strict)
         builder.download_and_prepare(file_format="array_record",
                                      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    except Exception:
+    except BaseException as e:
         # Another process (e.g. another host on a shared file system) may have finished the same dataset
         # first, so our final rename failed: the complete dataset is there, use it.
-        if is_complete(path):
+        if isinstance(e, Exception) and is_complete(path):
             log.info("dataset %s was completed by another process; using it", path)
+            _remove_empty(downloads)
             return read_result(path, strict)
+        _remove_empty(created)    # a failed build leaves no empty folders behind
         raise
+    _remove_empty(downloads)      # tfds' (unused) downloads folders
     result = PrepareResult(path=path, clips=dict(builder.clip_counts), audio_seconds=dict(builder.audio_seconds),
                            refusals=list(builder.refusals))
     meta = dict(metadata or {})
@@ -234,9 +298,10 @@ def prepare_dataset(source: Source, data_dir: str | os.PathLike, config_name: st
     return result
 
 
-def read_result(path: str | os.PathLike, strict: bool = False) -> PrepareResult:
-    """The :class:`PrepareResult` of an already prepared dataset (``reused=True``): its report from
-    ``avi_meta.json``, or clip counts from the tfds info for datasets prepared without one.
+def read_result(path: str | os.PathLike, strict: bool = False, reused: bool = True) -> PrepareResult:
+    """The :class:`PrepareResult` of a prepared dataset: its report from ``avi_meta.json``, or clip counts
+    from the tfds info for datasets prepared without one. ``reused``: whether this run found the dataset
+    already prepared (pass False right after building it; the summary then does not say "reused").
 
     Raises:
       InputError: with ``strict``, when the report lists refused clips.
@@ -252,11 +317,11 @@ def read_result(path: str | os.PathLike, strict: bool = False) -> PrepareResult:
                     for r in report.get("refused", [])]
         result = PrepareResult(path=path, clips={k: int(v) for k, v in report.get("clips", {}).items()},
                                audio_seconds={k: float(v) for k, v in report.get("audio_seconds", {}).items()},
-                               refusals=refusals, reused=True)
+                               refusals=refusals, reused=reused)
     else:
         info = tfds.builder_from_directory(path).info
         result = PrepareResult(path=path, clips={k: int(v.num_examples) for k, v in info.splits.items()},
-                               audio_seconds={}, refusals=[], reused=True)
+                               audio_seconds={}, refusals=[], reused=reused)
     if strict and result.refusals:
         raise InputError(f"--strict: the prepared dataset {path} was built with {len(result.refusals)} "
                          "refused clip(s) (use --force to prepare it again):\n" +

@@ -26,8 +26,12 @@ def read_manifest(manifest_path: str | os.PathLike) -> dict[str, list[dict]]:
     ``global_pose`` (T, 3), ``shape`` (100,)). Audio is read with :func:`audio.load_audio` (any rate,
     downmixed to mono, resampled to 16 kHz).
 
+    All lines are parsed first: a duplicate ``clip_id``, or one clip id (or one audio file) in two splits
+    (train/test leakage), is refused before any audio is decoded.
+
     Raises:
       InputError: naming the manifest line (``manifest.jsonl:LINE``) and file for a malformed line, a
+        duplicate clip id or a clip in two splits (with the line of its first occurrence), a
         missing/unreadable audio or coefficient file, NaN/inf values or wrong shapes.
     """
     manifest_path = os.fspath(manifest_path)
@@ -37,6 +41,11 @@ def read_manifest(manifest_path: str | os.PathLike) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     with open(manifest_path, encoding="utf-8") as f:
         lines = f.readlines()
+    # First pass (cheap, nothing decoded): every line's fields, clip id and split, so that duplicate clip
+    # ids and clips in two splits are found before any audio is read or anything is written.
+    entries = []
+    first_id: dict[str, tuple[str, str]] = {}        # clip id -> (where, split)
+    first_audio: dict[str, tuple[str, str]] = {}     # real audio path -> (where, split)
     for lineno, line in enumerate(lines, start=1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -62,13 +71,31 @@ def read_manifest(manifest_path: str | os.PathLike) -> dict[str, list[dict]]:
             texts = [entry["instruction"]]
         else:
             raise InputError(f"{where}: needs 'instruction' (str) or 'instructions' (list of str)")
+        stem = os.path.splitext(os.path.basename(audio_path))[0]
+        cid = str(entry.get("clip_id") or f"{lineno:06d}_{stem}")
+        if cid in first_id:
+            where0, split0 = first_id[cid]
+            if split0 == split:
+                raise InputError(f"{where}: duplicate clip_id {cid!r} (already at {where0}); clip ids must be "
+                                 "unique")
+            raise InputError(f"{where}: clip_id {cid!r} is in split '{split}' here and in split '{split0}' at "
+                             f"{where0}; one clip in two splits leaks training data into evaluation -- give "
+                             "each clip exactly one split")
+        first_id[cid] = (where, split)
+        real_audio = os.path.realpath(audio_path)
+        if real_audio in first_audio and first_audio[real_audio][1] != split:
+            where0, split0 = first_audio[real_audio]
+            raise InputError(f"{where}: audio {audio_path} is in split '{split}' here and in split '{split0}' at "
+                             f"{where0}; one recording in two splits leaks training data into evaluation")
+        first_audio.setdefault(real_audio, (where, split))
+        entries.append((where, entry, audio_path, split, texts, cid))
+    for where, entry, audio_path, split, texts, cid in entries:
         try:
             audio = load_audio(audio_path)
         except InputError as e:
             raise InputError(f"{where}: {e}") from e
-        stem = os.path.splitext(os.path.basename(audio_path))[0]
         rec = {
-            "clip_id": str(entry.get("clip_id") or f"{lineno:06d}_{stem}"),
+            "clip_id": cid,
             "speaker": str(entry.get("speaker") or ""),
             "audio": audio,
             "emotion": entry.get("emotion"),

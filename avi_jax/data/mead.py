@@ -181,7 +181,8 @@ def scan(source: str | os.PathLike) -> tuple[list[MeadClip], list[Refusal]]:
     refusals for audio files in unknown emotion/level folders. Non-audio files are ignored.
 
     Raises:
-      InputError: ``source`` is not a folder or holds no MEAD speaker folder with audio.
+      InputError: ``source`` is not a folder or holds no MEAD speaker folder with audio; two audio files of
+        one clip (e.g. ``001.m4a`` and ``001.wav``; both paths named), before anything is built.
     """
     source = os.fspath(source)
     if not os.path.isdir(source):
@@ -212,6 +213,12 @@ def scan(source: str | os.PathLike) -> tuple[list[MeadClip], list[Refusal]]:
         raise InputError(f"{source}: no MEAD audio found (expected <speaker>/audio/<emotion>/level_<k>/<nnn>.m4a "
                          "with speaker ids like M003, W009)")
     clips.sort(key=lambda c: (c.speaker, schema.MEAD_EMOTIONS.index(c.emotion), c.level, c.index))
+    seen: dict[str, str] = {}
+    for c in clips:
+        if c.clip_id in seen:
+            raise InputError(f"{c.audio_path}: duplicate MEAD clip {c.clip_id} (also {seen[c.clip_id]}); keep one "
+                             "audio file per clip")
+        seen[c.clip_id] = c.audio_path
     return clips, refusals
 
 

@@ -126,18 +126,34 @@ def _options(args):
                               max_missing=args.max_missing, frame_tolerance=args.frame_tolerance)
 
 
+def _prepared(out: str) -> set[str]:
+    """Real paths of the complete datasets under ``out`` (before a build: was it there already?)."""
+    from avi_jax.data import builder
+    root = os.path.join(out, "clip_dataset")
+    if not os.path.isdir(root):
+        return set()
+    return {os.path.realpath(os.path.join(root, name, builder.VERSION)) for name in os.listdir(root)
+            if builder.is_complete(os.path.join(root, name, builder.VERSION))}
+
+
+def _same(path: str, before: set[str]) -> bool:
+    return os.path.realpath(path) in before
+
+
 def run(args: argparse.Namespace):
     """Prepare what ``args`` asks for; returns a :class:`avi_jax.data.builder.PrepareResult`."""
     from avi_jax.data import builder
     if args.command == "demo":
         from avi_jax.data.demo import prepare_demo
+        before = _prepared(args.out)
         path = prepare_demo(args.out, seed=args.seed, num_speakers=args.num_speakers,
                             clip_seconds=args.clip_seconds)
-        return builder.read_result(path, False)
+        return builder.read_result(path, False, reused=_same(path, before))
     if args.command == "manifest":
         from avi_jax.data.manifest import prepare_manifest
+        before = _prepared(args.out)
         path = prepare_manifest(args.source, args.out)
-        return builder.read_result(path, args.strict)
+        return builder.read_result(path, args.strict, reused=_same(path, before))
     if args.command == "meadtext":
         from avi_jax.data import mead
         labels = args.labels

@@ -128,7 +128,8 @@ def scan(source: str | os.PathLike) -> tuple[list[RavdessClip], list[Refusal], i
     preferred over the audio-video mp4 (01); video-only files (02) carry no audio.
 
     Raises:
-      InputError: ``source`` is not a folder or holds no RAVDESS speech audio.
+      InputError: ``source`` is not a folder or holds no RAVDESS speech audio; the same file name (clip
+        and modality) found twice (both paths named), before anything is built.
     """
     source = os.fspath(source)
     if not os.path.isdir(source):
@@ -153,7 +154,11 @@ def scan(source: str | os.PathLike) -> tuple[list[RavdessClip], list[Refusal], i
                 continue
             if r.modality == 2:
                 continue                      # video-only: no audio track
-            found.setdefault(r.clip_id, {})[r.modality] = path
+            paths = found.setdefault(r.clip_id, {})
+            if r.modality in paths:
+                raise InputError(f"{path}: duplicate RAVDESS clip {r.clip_id} (also {paths[r.modality]}); "
+                                 "keep one copy of each file under the source folder")
+            paths[r.modality] = path
             names[r.clip_id] = dataclasses.replace(r, modality=3)
     clips = [RavdessClip(names[c], paths.get(3) or paths[1]) for c, paths in found.items()]
     if not clips and not refusals:
