@@ -136,7 +136,7 @@ class InstructSetup:
         abstract = nn.meta.unbox(jax.eval_shape(
             lambda: self.model.init(jax.random.key(0), *dummy, method=Instructor.init_tune)))["params"]
         trained = tune_trainable(self.config)
-        return {c: self.load(c, "stage:tune" if c in trained else self.source_of("tune", c), abstract[c], None)
+        return {c: self.load(c, "stage:tune" if c in trained else self.source_of(c, "tune"), abstract[c], None)
                 for c in abstract}
 
     def dataset(self, split: str, *, batch_size: int, train: bool, tokenizers: tuple[str, ...]):
@@ -145,8 +145,9 @@ class InstructSetup:
             tokenizers={k: self.tokenizers[k] for k in tokenizers},
             max_text_tokens=int(self.config.data.max_text_tokens))
 
-    def source_of(self, stage: str, component: str) -> str:
-        """Where a component comes from in ``stage``: INIT, 'hf' or 'stage:<name>'."""
+    def source_of(self, component: str, stage: str) -> str:
+        """Where a component comes from in ``stage``: INIT, 'hf' or 'stage:<name>' (``tune`` reads what
+        ``align`` trained)."""
         m = self.config.model
         if component in ("audio_encoder", "text_encoder"):
             src = m[component].source

@@ -119,8 +119,8 @@ class MotionSetup:
         """The batch stream of ``split`` (``common.clip_dataset``; no tokenizers)."""
         return common.clip_dataset(self.config, self.data_path, split, batch_size=batch_size, train=train)
 
-    def source_of(self, component: str) -> str:
-        """INIT or 'hf' (the Wav2Vec2 of ``config.model.audio_encoder.source``)."""
+    def source_of(self, component: str, stage: str = STAGE) -> str:
+        """INIT or 'hf' (the Wav2Vec2 of ``config.model.audio_encoder.source``); one stage, ``motion``."""
         if component == "audio_encoder":
             return self.config.model.audio_encoder.source
         if component in ("content_encoder", "style_encoder", "generator", "normalizer"):

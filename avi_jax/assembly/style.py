@@ -217,8 +217,8 @@ class StyleSetup:
                               else self.load(component, source, tree, None))
         return out
 
-    def source_of(self, component: str) -> str:
-        """INIT, 'hf' (text encoder) or 'motion' (the motion run's components)."""
+    def source_of(self, component: str, stage: str = STAGE) -> str:
+        """INIT, 'hf' (text encoder) or 'motion' (the motion run's components); one stage, ``style``."""
         if component == "text_encoder":
             return self.config.model.text_encoder.source
         if component in MOTION_COMPONENTS:

@@ -1,4 +1,4 @@
-"""The files inference writes for each input and sample (DESIGN.md §4), each atomically (a temporary
+"""The files inference writes for each input and sample (the project's output format, README.md), each atomically (a temporary
 name in the same folder, then ``os.replace``), so an interrupted run never leaves a half-written file:
 
 * ``instruction.txt``: the generated (or given) instruction; one ``[start-end s] text`` line per window

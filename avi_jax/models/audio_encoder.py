@@ -23,8 +23,9 @@ with ``dim=2`` (one magnitude per kernel tap). We keep both parameters, ``weight
 inside the module, so fine-tuning follows the same parametrisation as PyTorch.
 
 Padding: with an ``attention_mask`` a clip's valid frames do not depend on its right padding or its
-batch mates (DESIGN.md Sec. 4): the group-norm conv layer takes masked statistics, unlike transformers,
-whose GroupNorm normalises over the padded length (see ``AudioEncoder.__call__``).
+batch mates (a file's outputs must not depend on its batch): the group-norm conv layer takes masked
+statistics, unlike transformers, whose GroupNorm normalises over the padded length (see
+``AudioEncoder.__call__``).
 
 Not implemented (eval-time no-ops): SpecAugment time/feature masking, LayerDrop, and dropout on the
 attention probabilities (``attention_dropout``; ``layers.dot_product_attention`` has no dropout).
@@ -558,3 +559,14 @@ class AudioEncoder(nn.Module):
             last_hidden_state=last,
             hidden_states=hidden_states if output_hidden_states else None,
             feature_mask=feature_mask)
+
+    def features(self, input_values: jax.Array, attention_mask: jax.Array, feature_layer: int = -1
+                 ) -> tuple[jax.Array, jax.Array]:
+        """The speech features a downstream model reads: hidden state ``feature_layer`` (-1 = the last; k =
+        the output of layer k, 0 = the transformer input) (B, T, H) at 50 Hz, zero at padded frames, and
+        the frame mask (B, T) bool. Frozen use (deterministic). Used by the stage-1 instructor (HuBERT ->
+        Q-Former) and the motion prior (Wav2Vec2 -> content encoder)."""
+        out = self(input_values, attention_mask.astype(bool), deterministic=True,
+                   output_hidden_states=feature_layer != -1)
+        feats = out.last_hidden_state if feature_layer == -1 else out.hidden_states[feature_layer]
+        return jnp.where(out.feature_mask[..., None], feats, 0.0), out.feature_mask

@@ -74,11 +74,7 @@ class Instructor(nn.Module):
 
     def audio_features(self, audio: jax.Array, audio_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(B, N) float32 16 kHz waveform + (B, N) bool -> features (B, T, H) at 50 Hz, mask (B, T)."""
-        out = self.audio_encoder(audio, audio_mask, deterministic=True,
-                                 output_hidden_states=self.config.feature_layer != -1)
-        feats = out.last_hidden_state if self.config.feature_layer == -1 else \
-            out.hidden_states[self.config.feature_layer]
-        return feats, out.feature_mask
+        return self.audio_encoder.features(audio, audio_mask, self.config.feature_layer)
 
     def audio_tokens(self, audio: jax.Array, audio_mask: jax.Array, deterministic: bool = True
                      ) -> jax.Array:

@@ -270,11 +270,7 @@ class MotionPrior(nn.Module):
 
         Each clip is normalised first when ``config.audio.do_normalize`` (the checkpoint's feature extractor).
         """
-        out = self.audio_encoder(audio, audio_mask.astype(bool), deterministic=True,
-                                 output_hidden_states=self.config.feature_layer != -1)
-        feats = out.last_hidden_state if self.config.feature_layer == -1 else \
-            out.hidden_states[self.config.feature_layer]
-        return feats, out.feature_mask
+        return self.audio_encoder.features(audio, audio_mask, self.config.feature_layer)
 
     def content(self, audio: jax.Array, audio_mask: jax.Array, deterministic: bool = True
                 ) -> tuple[jax.Array, jax.Array]:
@@ -286,10 +282,9 @@ class MotionPrior(nn.Module):
         if f < 1:
             raise InputError(f"audio of {audio.shape[1]} samples is shorter than one 25 fps frame "
                              f"({SAMPLES_PER_FRAME} samples)")
-        feats, feature_mask = self.audio_features(audio, audio_mask)
-        # features of padding are zeroed: a clip's frames then equal those of the clip alone, whose
-        # missing last feature (an odd feature count) the content encoder pads with zeros
-        feats = jnp.where(feature_mask[..., None], feats, 0.0)
+        # padded features are zero (``AudioEncoder.features``): a clip's frames equal those of the clip
+        # alone, whose missing last feature (an odd feature count) the content encoder pads with zeros
+        feats, _ = self.audio_features(audio, audio_mask)
         frame_mask = frame_mask_from_audio(audio_mask, f)
         return self.content_encoder(feats, frame_mask, deterministic), frame_mask
 

@@ -1,5 +1,5 @@
 """Streaming MP4 writer: RGB frames -> H.264 (libx264, yuv420p) with the speech muxed in as AAC, through
-PyAV (its wheel ships FFmpeg). The result plays in browsers and QuickTime (DESIGN.md §4, ``render.mp4``).
+PyAV (its wheel ships FFmpeg). The result plays in browsers and QuickTime (``render.mp4`` of ``python -m avi_jax.infer``).
 
 Frames are encoded as they arrive (a 10-minute video is never held in memory); the audio samples that
 belong to each frame are encoded next to it, and the audio is padded with silence or trimmed so that

@@ -32,10 +32,6 @@ class _InstructStage(Stage):
         self.model = setup.model
         self._cache = {}
 
-    def source(self, component: str) -> str:
-        """Stage 1's sources depend on the stage (``tune`` reads what ``align`` trained)."""
-        return self.setup.source_of(self.name, component)
-
     def _dataset(self, split: str, train: bool):
         return self.setup.dataset(split, train=train, batch_size=int(self.config[self.name].batch_size),
                                   tokenizers=self.tokenizers)

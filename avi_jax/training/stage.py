@@ -44,7 +44,7 @@ class Stage(abc.ABC):
 
     Parameters form a dict ``{component: tree}`` (e.g. ``audio_encoder``, ``qformer``, ``llm``); the loss
     sees the merged dict of trainable and frozen components. ``setup`` is the stage family's assembly
-    object (``config``, ``workdir``, ``source_of(component)``, ``load(component, source, abstract,
+    object (``config``, ``workdir``, ``source_of(component, stage)``, ``load(component, source, abstract,
     shardings)``).
     """
     name: str
@@ -62,7 +62,7 @@ class Stage(abc.ABC):
     def source(self, component: str) -> str:
         """Where ``component`` comes from: ``assembly.common.INIT`` or anything ``load_component``
         understands (the setup's ``source_of``)."""
-        return self.setup.source_of(component)
+        return self.setup.source_of(component, self.name)
 
     def load_component(self, component: str, abstract: Any, shardings: Any) -> Any:
         """A non-``INIT`` component's parameters (the tree of ``abstract``) placed on ``shardings``, loaded
