@@ -32,3 +32,8 @@ class RenderError(AviJaxError, RuntimeError):
 class TrainingDivergedError(AviJaxError, RuntimeError):
     """A training metric (loss, gradient norm, ...) became NaN or infinite; no checkpoint of that state
     was written."""
+
+
+class WorkdirConfigError(ConfigError):
+    """A workdir's stages were trained with a config that differs from the run's in a field that defines
+    them; the message lists the fields (old -> new) and the ways out (a new workdir, or retraining)."""
