@@ -40,6 +40,11 @@ def export_params(params: Any, path: str) -> None:
             os.remove(tmp)
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
 def load_exported(path: str, abstract: Any, shardings: Any | None = None, *, prefix: str = "") -> Any:
     """Load the leaves of ``abstract`` (a params tree of ShapeDtypeStructs) from an ``export_params``
     file, taking keys ``prefix + path``; extra keys in the file are ignored. Raises ``CheckpointError``
@@ -51,13 +56,23 @@ def load_exported(path: str, abstract: Any, shardings: Any | None = None, *, pre
     flat_abstract = traverse_util.flatten_dict(abstract, sep="/")
     flat_shardings = traverse_util.flatten_dict(shardings, sep="/") if shardings is not None else {}
     out = {}
-    with safe_open(path, framework="numpy") as f:
+    try:
+        f = safe_open(path, framework="numpy")
+    except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError, OSError, ...
+        raise CheckpointError(f"{path}: unreadable exported parameters ({_one_line(e)}); the file is damaged "
+                              f"or truncated: delete it and its stage's final_metrics.json to redo the "
+                              f"export") from e
+    with f:
         keys = set(f.keys())
         for key, want in flat_abstract.items():
             name = prefix + key
             if name not in keys:
                 raise CheckpointError(f"{path}: no tensor '{name}'")
-            value = f.get_tensor(name)
+            try:
+                value = f.get_tensor(name)
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"{path}: tensor '{name}' is unreadable ({_one_line(e)}); the file is "
+                                      f"damaged or truncated") from e
             if tuple(value.shape) != tuple(want.shape):
                 raise CheckpointError(f"{path}: '{name}' has shape {value.shape}, expected {want.shape}")
             value = value.astype(want.dtype)

@@ -42,7 +42,13 @@ from avi_jax.training.state import (TrainState, make_optimizer, make_schedule, o
 
 
 class Preempted(Exception):
-    """Raised after a preemption checkpoint was written; rerunning the same command resumes."""
+    """Raised after a preemption checkpoint was written (and waited for); rerunning the same command resumes.
+
+    ``exit_code`` (42) is the status ``python -m avi_jax.train`` exits with on preemption; the launchers
+    (``launch/slurm_gpu.sh``, ``launch/tpu_pod.sh``) requeue or rerun the job on it.
+    """
+    exit_code = 42
+    exit_status = exit_code     # the name the train CLI reads from the project's errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,17 +200,24 @@ def make_train_step(run: StageRun, st: StageState):
 # ---------------------------------------------------------------------------------------------
 
 class _Preemption:
-    """SIGTERM -> save a checkpoint at the next step boundary, then stop (and multi-host sync points)."""
+    """SIGTERM -> save a checkpoint at the next step boundary, then stop.
+
+    One process: a Python SIGTERM handler. Several processes: no Python handler (it would replace the
+    notifier of JAX's preemption service, which ``jax.distributed.initialize`` installs); every process
+    stops at the step all of them agreed on (``multihost_utils.reached_preemption_sync_point``).
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:   # not the main thread
-            self._previous = None
+        self._previous = None
+        if jax.process_count() == 1:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:   # not the main thread
+                self._previous = None
         return self
 
     def _handle(self, signum, frame):
@@ -330,15 +343,22 @@ def train_loop_iteration(loop: TrainLoop, step: int) -> None:
     loop.report(done)
     if done % int(sc.log_every) == 0 or done == total:
         _log(loop, done)
+    saved = False
     if done == total or loop.manager.should_save(done):
         loop.metrics.check()
-        checkpointing.save(loop.manager, done, loop.st.state, loop.data_iter, force=done == total)
+        saved = checkpointing.save(loop.manager, done, loop.st.state, loop.data_iter, force=done == total)
     if loop.preemption.reached(done):
         loop.metrics.check()
-        checkpointing.save(loop.manager, done, loop.st.state, loop.data_iter, force=True)
+        if not saved and loop.manager.latest_step() != done:     # once: not again after the interval save
+            checkpointing.save(loop.manager, done, loop.st.state, loop.data_iter, force=True)
         loop.manager.wait_until_finished()
         loop.writer.flush()
-        raise Preempted(f"stage {run.stage.name} preempted at step {done}; rerun to resume")
+        if jax.process_count() > 1:     # no process exits before every process's save is committed
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("avi_jax:preempted")
+        raise Preempted(f"stage {run.stage.name}: stopped at step {done} by a preemption notice (SIGTERM); "
+                        f"checkpoint saved in {loop.manager.directory}; rerun the same command to resume "
+                        f"(exit status {Preempted.exit_code})")
     eval_every = int(sc.eval_every)
     if eval_every and done % eval_every == 0 and done != total:
         loop.metrics.check()
@@ -401,20 +421,49 @@ def _finished(stage: Stage) -> dict[str, float] | None:
         return json.load(f)
 
 
+def _drop_metrics_after(stage: Stage, step: int) -> None:
+    """Rewrite ``<stage_dir>/train_metrics.jsonl`` without the rows past ``step`` (the restored step; 0 for
+    a fresh start) and any torn last line, so that a resumed run does not log those steps twice."""
+    path = os.path.join(stage.stage_dir, "train_metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:     # a line torn by a kill mid-write
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(json.dumps(row) + "\n")
+    if len(kept) == len(lines):
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    logging.info("stage %s: dropped %d train_metrics.jsonl rows past step %d (they are trained again)",
+                 stage.name, len(lines) - len(kept), step)
+
+
 def run_stage(stage: Stage, config: Any) -> dict[str, float]:
     """Train ``stage`` for ``config[stage.name].total_steps`` steps (resuming if possible) and evaluate it.
 
     ``config`` fields used: seed, mesh, logical_axis_rules, checkpoint.{every, keep, async_save},
     profile.{start_step, num_steps} (optional), and from ``config[stage.name]``: total_steps, optimizer,
     log_every, eval_every. Per-log-interval training metrics are appended to
-    ``<stage_dir>/train_metrics.jsonl``. A finished stage (``final_metrics.json`` exists) is not rerun.
+    ``<stage_dir>/train_metrics.jsonl`` (on resume, the rows past the restored step are dropped first). A
+    finished stage (``final_metrics.json`` exists) is not rerun. Resuming falls back from a damaged latest
+    checkpoint to the newest intact one (``checkpointing.restore_intact``).
 
     Returns the final metrics (also written to ``<stage_dir>/final_metrics.json``).
 
     Raises:
       ConfigError: an inconsistent config (mesh, components, missing files).
       TrainingDivergedError: a training metric became NaN/inf (the state is not checkpointed).
-      Preempted: SIGTERM (or a multi-host preemption sync point); a checkpoint was written.
+      CheckpointError: checkpoints exist but none of them restores.
+      Preempted: SIGTERM (or a multi-host preemption sync point); a checkpoint was written (exit with
+        ``Preempted.exit_code``).
     """
     final = _finished(stage)
     if final is not None:
@@ -431,10 +480,12 @@ def run_stage(stage: Stage, config: Any) -> dict[str, float]:
         save_every=int(config.checkpoint.every), async_save=bool(config.checkpoint.async_save))
     try:
         start = 0
-        if manager.latest_step() is not None:
-            st.state, start = checkpointing.restore(
-                manager, checkpointing.abstract_with_shardings(st.state, st.state_shardings), data_iter)
+        if manager.all_steps():
+            st.state, start = checkpointing.restore_intact(
+                manager, checkpointing.abstract_with_shardings(st.state, st.state_shardings), data_iter,
+                name=f"stage {stage.name}")
             logging.info("stage %s: resumed from step %d", stage.name, start)
+        _drop_metrics_after(stage, start)
         with run.scope():
             stage.prepare(st.frozen, run.mesh)
         base_rng = jax.jit(lambda: jax.random.split(jax.random.key(int(config.seed)))[1],
