@@ -37,3 +37,14 @@ class TrainingDivergedError(AviJaxError, RuntimeError):
 class WorkdirConfigError(ConfigError):
     """A workdir's stages were trained with a config that differs from the run's in a field that defines
     them; the message lists the fields (old -> new) and the ways out (a new workdir, or retraining)."""
+
+
+def run_command(command, args) -> int:
+    """Run a command-line tool's ``command(args) -> exit status``; the project's errors become one line
+    ``error: ...`` on stderr and exit status 2 (no traceback). Used by ``infer``, ``export`` and ``evaluate``."""
+    import sys
+    try:
+        return command(args)
+    except AviJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

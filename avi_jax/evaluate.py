@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from avi_jax.errors import AviJaxError, ConfigError
+from avi_jax.errors import ConfigError, run_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,11 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return run(args)
-    except AviJaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(run, args)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Sequence
 
-from avi_jax.errors import AviJaxError, ConfigError, InputError
+from avi_jax.errors import AviJaxError, ConfigError, InputError, run_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,11 +140,7 @@ def _check_settings(path: str, settings: dict) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return run(args)
-    except AviJaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(run, args)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,9 @@ import os
 import sys
 from typing import Sequence
 
-from avi_jax.errors import AviJaxError, ConfigError, InputError
+from avi_jax.errors import AviJaxError, ConfigError, InputError, run_command
 
 EXIT_SOME_FAILED = 1
-EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -189,11 +188,7 @@ def enable_compilation_cache() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     enable_compilation_cache()
-    try:
-        return run(args)
-    except AviJaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_command(run, args)
 
 
 if __name__ == "__main__":
