@@ -19,9 +19,6 @@ import ml_collections
 
 from configs import common, instruct, motion_prior, style_prior
 
-FAMILIES = ("instruct", "motion", "style")
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = common.parse_arg(arg, variant="paper", stage="")
     families = {"instruct": instruct.get_config(arg.variant), "motion": motion_prior.get_config(arg.variant),

@@ -14,6 +14,7 @@ from avi_jax.errors import ConfigError
 
 DATA_DIR_HINT = ("a dataset prepared by `python -m avi_jax.data.prepare ...` (ArrayRecord folder)")
 INIT = "init"   # component source: seeded random initialisation
+FAMILIES = ("instruct", "motion", "style")   # stage families; configs/avi_talking.py holds all three
 
 
 def load_workdir_config(workdir: str, what: str = "a training run's --workdir") -> Any:

@@ -22,9 +22,6 @@ import numpy as np
 from avi_jax.data import schema
 from avi_jax.inference.pipeline import Result
 
-FILES = ("instruction.txt", "coefficients.npz")
-
-
 def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Call ``write(file)`` on a temporary file beside ``path`` and rename it to ``path`` on success
     (the temporary file is removed on failure)."""

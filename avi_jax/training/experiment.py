@@ -27,12 +27,11 @@ from typing import Any, Iterable, Sequence
 
 import jax
 
-from avi_jax.assembly.common import family_config
+from avi_jax.assembly.common import FAMILIES, family_config
 from avi_jax.errors import ConfigError, WorkdirConfigError
 from avi_jax.training.loop import run_stage
 from avi_jax.training.validation import validate
 
-FAMILIES = ("instruct", "motion", "style")
 
 
 def _stage_classes(family: str) -> tuple[Any, dict]:

@@ -48,7 +48,6 @@ class Preempted(Exception):
     (``launch/slurm_gpu.sh``, ``launch/tpu_pod.sh``) requeue or rerun the job on it.
     """
     exit_code = 42
-    exit_status = exit_code     # the name the train CLI reads from the project's errors
 
 
 @dataclasses.dataclass(frozen=True)

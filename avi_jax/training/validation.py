@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 import jax
 
+from avi_jax.assembly.common import FAMILIES
 from avi_jax.errors import ConfigError
 
-FAMILIES = ("instruct", "motion", "style")
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
