@@ -3,9 +3,10 @@
 * SIGTERM on a step that is also a checkpoint step saves once, waits, raises ``Preempted`` (with the CLI's
   exit status) and the restart equals an uninterrupted run;
 * a damaged latest checkpoint (truncated data files, a missing ``manifest.ocdbt``, a missing data-iterator
-  file, flipped bytes) is skipped: the run resumes from the step before and ends with the same parameters
-  as an uninterrupted run; with no intact checkpoint, one ``CheckpointError``;
+  file, flipped bytes in the index or in the array data) is skipped: the run resumes from the step before
+  and ends with the same parameters as an uninterrupted run; with no intact checkpoint, one ``CheckpointError``;
 * after a resume, ``train_metrics.jsonl`` holds each step once (rows past the restored step are dropped);
+* a SIGKILL while an async save is being committed resumes like an uninterrupted run;
 * a truncated ``params.safetensors`` is a ``CheckpointError`` naming the file.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from avi_jax.errors import CheckpointError
 from avi_jax.training.experiment import train_and_evaluate
 from avi_jax.training.loop import Preempted
 from configs import instruct
-from helpers import tiny_config
+from helpers import free_port, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -151,19 +152,33 @@ def _remove_iterator_state(step_dir):
         os.remove(f)
 
 
-def _flip_bytes(step_dir):
-    """64 bytes inverted in the middle of the state's b-tree file."""
-    (f,) = glob.glob(os.path.join(step_dir, "state", "d", "*"))
-    data = bytearray(open(f, "rb").read())
+def _invert_64_bytes(path):
+    """64 bytes inverted in the middle of the file."""
+    data = bytearray(open(path, "rb").read())
     mid = len(data) // 2
     data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
-    with open(f, "wb") as fh:
+    with open(path, "wb") as fh:
         fh.write(bytes(data))
 
 
+def _flip_bytes(step_dir):
+    """In the state's b-tree file (tensorstore's own checksums catch this)."""
+    (f,) = glob.glob(os.path.join(step_dir, "state", "d", "*"))
+    _invert_64_bytes(f)
+
+
+def _flip_array_bytes(step_dir):
+    """In the largest array-data file: tensorstore does not checksum these (it would restore other
+    numbers silently); the step's SHA-256 record catches it."""
+    _invert_64_bytes(max(glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*")),
+                         key=os.path.getsize))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", [_truncate_data, _remove_manifest, _remove_iterator_state, _flip_bytes],
-                         ids=["truncated-data", "no-manifest", "no-iterator-state", "flipped-bytes"])
+@pytest.mark.parametrize("damage", [_truncate_data, _remove_manifest, _remove_iterator_state, _flip_bytes,
+                                    _flip_array_bytes],
+                         ids=["truncated-data", "no-manifest", "no-iterator-state", "flipped-bytes",
+                              "flipped-array-bytes"])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_step(damage, crashed, straight, tmp_path,
                                                                    data_dir, caplog):
     workdir = _copy(crashed, tmp_path)
@@ -221,13 +236,6 @@ def test_truncated_params_safetensors_is_a_checkpoint_error(keep, tmp_path):
 
 # ---- two processes --------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _launch(workdir, data_dir, port, tmp_path, tag):
     """``python -m avi_jax.train`` as 2 processes of one CPU device each (what launch/local_multiprocess.sh
     does); returns the processes and their log files."""
@@ -257,7 +265,7 @@ def test_two_processes_stop_at_one_agreed_step_and_resume(tmp_path, data_dir, st
     import time
     workdir = str(tmp_path / "run")
     metrics = os.path.join(workdir, "lm", "train_metrics.jsonl")
-    procs, logs = _launch(workdir, data_dir, _free_port(), tmp_path, "first")
+    procs, logs = _launch(workdir, data_dir, free_port(), tmp_path, "first")
     try:
         deadline = time.time() + 240
         while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) > 2):
@@ -277,9 +285,74 @@ def test_two_processes_stop_at_one_agreed_step_and_resume(tmp_path, data_dir, st
     saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "lm", "checkpoints")) if s.isdigit())
     assert saved[-1] == step, saved
 
-    procs, logs = _launch(workdir, data_dir, _free_port(), tmp_path, "second")
+    procs, logs = _launch(workdir, data_dir, free_port(), tmp_path, "second")
     codes = [p.wait(timeout=300) for p in procs]
     assert codes == [0, 0], [open(f).read()[-2000:] for f in logs]
     assert f"resumed from step {step}" in open(logs[0]).read()
     steps, _ = _rows(workdir)
     assert steps == list(range(1, 61))
+
+
+# ---- SIGKILL while an async save is being committed ------------------------------------------------------
+
+_PAUSE_BEFORE_COMMIT = r"""
+import glob, os, sys, time
+import orbax.checkpoint as ocp
+from absl import app
+from avi_jax import train
+
+checkpoints, marker = sys.argv.pop(1), sys.argv.pop(1)
+real_options = ocp.CheckpointManagerOptions
+
+
+def pause():
+    # Orbax calls this in its background thread once step 4's files are written and finalized, before it
+    # renames the temporary folder to "4" (the commit): the last moment of an async save.
+    if glob.glob(os.path.join(checkpoints, "4.orbax-checkpoint-tmp*")):
+        open(marker, "w").close()
+        time.sleep(600)
+
+
+ocp.CheckpointManagerOptions = lambda **kw: real_options(
+    **kw, async_options=ocp.AsyncOptions(post_finalization_callback=pause))
+app.run(train.main, flags_parser=train._parse_flags)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_an_async_save_resumes_like_an_uninterrupted_run(tmp_path, data_dir, straight):
+    """The process is killed while step 4 is being committed (its files written, not yet renamed): the
+    rerun resumes from step 2 and ends equal to an uninterrupted run (losses, metrics rows, parameters);
+    the committed steps carry a SHA-256 record that verifies."""
+    import subprocess
+    import sys
+    import time
+    workdir = str(tmp_path / "run")
+    checkpoints, marker = os.path.join(workdir, "lm", "checkpoints"), str(tmp_path / "paused")
+    overrides = {"data.dir": str(data_dir), "stages": "('lm',)", "checkpoint.every": 2, "lm.total_steps": 6,
+                 "lm.log_every": 1}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _PAUSE_BEFORE_COMMIT, checkpoints, marker, "--config",
+         "configs/instruct.py:tiny", "--workdir", workdir] + [f"--config.{k}={v}" for k, v in overrides.items()],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+    try:
+        deadline = time.time() + 300
+        while not os.path.exists(marker):
+            assert child.poll() is None, child.stdout.read().decode()[-3000:]
+            assert time.time() < deadline, "step 4's save never reached its commit"
+            time.sleep(0.1)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.stdout.close()
+    assert sorted(s for s in os.listdir(checkpoints) if s.isdigit()) == ["1", "2"]
+    assert glob.glob(os.path.join(checkpoints, "4.orbax-checkpoint-tmp*"))     # killed mid-save
+    train_and_evaluate(_config(data_dir, 2), workdir)
+    _assert_same_run(workdir, straight)
+    from avi_jax.training.checkpointing import CHECKSUMS, verify_checksums
+    for step in ("2", "4", "6"):
+        assert os.path.exists(os.path.join(checkpoints, step, CHECKSUMS)), step
+        verify_checksums(os.path.join(checkpoints, step))

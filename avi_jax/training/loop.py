@@ -331,7 +331,11 @@ def train_loop_iteration(loop: TrainLoop, step: int) -> None:
     (``TrainingDivergedError``)."""
     run, sc = loop.run, loop.run.stage_config
     total = int(sc.total_steps)
-    batch = mesh_lib.shard_batch(run.stage.host_batch(device_batch(next(loop.data_iter))), run.mesh)
+    host_batch = run.stage.host_batch(device_batch(next(loop.data_iter)))
+    if "index" in host_batch and logging.getLogger().isEnabledFor(logging.DEBUG):   # --verbosity=1
+        logging.debug("stage %s: step %d: process %d read examples %s", run.stage.name, step + 1,
+                      jax.process_index(), host_batch["index"].tolist())
+    batch = mesh_lib.shard_batch(host_batch, run.mesh)
     loop.profiler.before(step)
     annotation = jax.profiler.StepTraceAnnotation("train", step_num=step)
     with run.scope(), jax.transfer_guard("disallow"), annotation:
@@ -350,7 +354,7 @@ def train_loop_iteration(loop: TrainLoop, step: int) -> None:
         loop.metrics.check()
         if not saved and loop.manager.latest_step() != done:     # once: not again after the interval save
             checkpointing.save(loop.manager, done, loop.st.state, loop.data_iter, force=True)
-        loop.manager.wait_until_finished()
+        checkpointing.wait_until_committed(loop.manager)
         loop.writer.flush()
         if jax.process_count() > 1:     # no process exits before every process's save is committed
             from jax.experimental import multihost_utils
@@ -381,7 +385,7 @@ def train_loop(loop: TrainLoop, start: int) -> None:
                 train_loop_iteration(loop, step)
     finally:
         loop.profiler.close()
-        loop.manager.wait_until_finished()
+        checkpointing.wait_until_committed(loop.manager)
         loop.data_iter.close()
     logging.info("stage %s: %d steps in %.1fs", run.stage.name, total - start, time.time() - t0)
 
