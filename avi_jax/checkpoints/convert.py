@@ -58,6 +58,8 @@ def build_params(ckpt: Mapping[str, np.ndarray], table: Iterable[Row], *,
     flat_shardings = traverse_util.flatten_dict(shardings, sep="/") if shardings is not None else {}
     flat_abstract = traverse_util.flatten_dict(abstract, sep="/") if abstract is not None else None
     out: dict[str, Any] = {}
+    if hasattr(ckpt, "in_file_order"):     # read each shard of a sharded checkpoint once (hf_folder)
+        table = ckpt.in_file_order(list(table))
     for path, key, transform in table:
         if key not in ckpt:
             raise CheckpointError(f"{source}: missing tensor '{key}' (needed for {path})")

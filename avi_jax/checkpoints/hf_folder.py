@@ -3,13 +3,16 @@
 A folder holds ``config.json`` and weights as ``model.safetensors``, sharded ``*.safetensors`` with
 ``model.safetensors.index.json``, or ``pytorch_model.bin`` (optionally sharded with
 ``pytorch_model.bin.index.json``). Tensors are read lazily, one key at a time, so converting a 7B model
-never holds a second full copy on the host.
+never holds a second full copy on the host. A converter that reads its keys in ``in_file_order`` opens
+(``.bin``: unpickles) each shard of a sharded checkpoint once: a ``.bin`` shard stays loaded only until a
+key of another shard is read, so reading in the converter table's own order would load Vicuna-7B's two
+~5 GB shards several times over.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -48,6 +51,7 @@ class HFCheckpoint:
         self.config = read_config(folder)
         self._files: dict[str, str] = {}   # key -> file
         self._bin_cache: dict[str, dict[str, np.ndarray]] = {}
+        self._safe_handle: tuple[str, Any] | None = None   # (path, safe_open handle) of the last shard read
         single, index = self._layout()
         if index:
             with open(os.path.join(folder, index)) as f:
@@ -85,6 +89,22 @@ class HFCheckpoint:
             self._bin_cache = {path: load_torch_bin(path)}   # keep one shard in memory at a time
         return self._bin_cache[path]
 
+    def _safe_open(self, path: str) -> Any:
+        """The ``safe_open`` handle of ``path``, kept open until a key of another file is read."""
+        if self._safe_handle is None or self._safe_handle[0] != path:
+            from safetensors import safe_open
+            self._safe_handle = None
+            self._safe_handle = (path, safe_open(path, framework="numpy"))
+        return self._safe_handle[1]
+
+    def in_file_order(self, rows: Sequence[tuple]) -> list[tuple]:
+        """``rows`` (tuples whose second item is a key, e.g. converter rows ``(flax_path, key, transform)``)
+        reordered so that the keys of each weight file come together, files in the order they are named
+        (the index's ``weight_map``); stable within a file. Keys the checkpoint lacks come first, so a
+        missing tensor is reported before any shard is read."""
+        rank = {path: i for i, path in enumerate(dict.fromkeys(self._files.values()))}
+        return sorted(rows, key=lambda row: rank.get(self._files.get(row[1]), -1))
+
     def keys(self) -> list[str]:
         return list(self._files)
 
@@ -102,13 +122,10 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.folder}: checkpoint has no tensor '{key}'")
         path = self._files[key]
         if path.endswith(".safetensors"):
-            from safetensors import safe_open
-            with safe_open(path, framework="numpy") as f:
-                try:
-                    return f.get_tensor(key)
-                except TypeError:   # numpy has no bfloat16/float8: read the raw bytes instead
-                    pass
-            return _read_safetensors_raw(path, key)
+            try:
+                return self._safe_open(path).get_tensor(key)
+            except TypeError:   # numpy has no bfloat16/float8: read the raw bytes instead
+                return _read_safetensors_raw(path, key)
         return self._load_bin(path)[key]
 
 

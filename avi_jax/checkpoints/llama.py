@@ -4,7 +4,8 @@ An explicit key-map table (``llama_table``) applied by ``convert.build_params``:
 lazily from the folder (safetensors, sharded safetensors, or ``pytorch_model*.bin`` via the restricted
 unpickler), transposed where needed, cast, and -- when shardings are given -- put straight onto its
 devices, so a 7B model never needs a second full host copy. The result is checked against
-``jax.eval_shape`` of the model.
+``jax.eval_shape`` of the model. For a scanned model (``LlamaConfig.scan``) the per-layer tensors are
+converted the same way, then stacked layer by layer into ``layers/...`` (``stack_layers``).
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from avi_jax.checkpoints.convert import Row, build_params, identity, linear
 from avi_jax.checkpoints.hf_folder import HFCheckpoint
@@ -27,6 +30,7 @@ def llama_table(config: LlamaConfig) -> list[Row]:
     Flax paths are relative to the params tree (``layers_0/self_attn/q_proj/kernel``). Linear weights
     (out, in) are transposed to kernels (in, out); embeddings and norm weights are copied. With tied
     embeddings there is no ``lm_head.weight`` row (the head reuses ``model.embed_tokens.weight``).
+    The rows are those of the per-layer layout (``layers_{i}/...``) whatever ``config.scan`` says.
     """
     rows: list[Row] = [("embed_tokens/embedding", "model.embed_tokens.weight", identity)]
     for i in range(config.num_hidden_layers):
@@ -54,6 +58,42 @@ def param_shardings(config: LlamaConfig, mesh: Mesh, rules: Any) -> dict:
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def stack_layers(params: dict, num_layers: int, shardings: Any | None = None) -> dict:
+    """Per-layer params (``layers_{i}/...``, as the table builds them) -> the scanned layout ``layers/...``
+    with a leading (num_layers,) axis (``LlamaConfig.scan``).
+
+    Stacks one weight at a time and drops the per-layer pieces as it goes, so the peak extra memory is one
+    stacked weight. ``shardings``: the scanned model's sharding tree (``param_shardings``); each stacked
+    weight is built directly on its sharding (jitted ``jnp.stack`` with ``out_shardings``). Without it,
+    host numpy arrays.
+    """
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    layers = [params[f"layers_{i}"] for i in range(num_layers)]
+    flat = [traverse_util.flatten_dict(layer, sep="/") for layer in layers]
+    flat_shardings = (traverse_util.flatten_dict(shardings["layers"], sep="/")
+                      if shardings is not None else {})
+    stacked = {}
+    for path in list(flat[0]):
+        pieces = [f.pop(path) for f in flat]
+        if path in flat_shardings:
+            stacked[path] = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=flat_shardings[path])(*pieces)
+        else:
+            stacked[path] = np.stack([np.asarray(x) for x in pieces])
+        del pieces
+    out["layers"] = traverse_util.unflatten_dict(stacked, sep="/")
+    return out
+
+
+def _layer_shardings(shardings: Any, num_layers: int) -> dict:
+    """The per-layer shardings (``layers_{i}/...``) of a scanned model's sharding tree: each stacked
+    weight's sharding without its leading layer axis."""
+    drop = lambda s: NamedSharding(s.mesh, PartitionSpec(*tuple(s.spec)[1:]))   # noqa: E731
+    out = {k: v for k, v in shardings.items() if k != "layers"}
+    per_layer = jax.tree.map(drop, shardings["layers"])
+    out.update({f"layers_{i}": per_layer for i in range(num_layers)})
+    return out
+
+
 def load_llama(folder: str, *, shardings: Any | None = None, dtype: Any = np.float32,
                compute_dtype: Any | None = None, **config_overrides) -> tuple[LlamaConfig, dict]:
     """Load a local Hugging Face LLaMA / Vicuna folder.
@@ -67,7 +107,9 @@ def load_llama(folder: str, *, shardings: Any | None = None, dtype: Any = np.flo
       dtype: storage dtype of the weights (e.g. ``np.float32``, ``jnp.bfloat16``); becomes the
         config's ``param_dtype``.
       compute_dtype: the config's ``dtype`` (activations / KV cache); default ``dtype``.
-      config_overrides: further ``LlamaConfig`` fields (e.g. ``remat=True``).
+      config_overrides: further ``LlamaConfig`` fields (e.g. ``remat=True``, ``scan=True``: the weights
+        are then stacked into the scanned layout, see ``stack_layers``; ``shardings`` are the scanned
+        model's).
 
     Returns:
       ``(config, params)``: the bare params tree, for ``Llama(config).apply({'params': params}, ...)``.
@@ -85,9 +127,14 @@ def load_llama(folder: str, *, shardings: Any | None = None, dtype: Any = np.flo
         raise CheckpointError(f"{folder}/config.json: not a LLaMA config ({e!r})") from e
     except ConfigError as e:
         raise ConfigError(f"{folder}/config.json: {e}") from e
-    abstract = nn.meta.unbox(abstract_params(config))
-    params = build_params(ckpt, llama_table(config), abstract=abstract, shardings=shardings,
+    per_layer = config.replace(scan=False)
+    abstract = nn.meta.unbox(abstract_params(per_layer))
+    layer_shardings = (_layer_shardings(shardings, config.num_hidden_layers)
+                       if config.scan and shardings is not None else shardings)
+    params = build_params(ckpt, llama_table(per_layer), abstract=abstract, shardings=layer_shardings,
                           dtype=dtype, source=folder)
+    if config.scan:
+        params = stack_layers(params, config.num_hidden_layers, shardings)
     return config, params
 
 

@@ -39,7 +39,10 @@ class LlamaConfig:
     hashable and JSON-friendly. ``head_dim`` defaults to ``hidden_size // num_attention_heads`` and
     ``num_key_value_heads`` to ``num_attention_heads`` (multi-head attention) when left as 0.
     ``remat`` recomputes each decoder block in the backward pass (``nn.remat``), trading compute for
-    activation memory when gradients flow through a frozen 7B model (stage 1b).
+    activation memory when gradients flow through a frozen 7B model (stage 1b). ``scan`` runs the blocks
+    as one ``nn.scan`` over stacked weights (``layers/...`` with a leading (num_hidden_layers,) axis,
+    logical name ``layers``), so XLA compiles one block instead of ``num_hidden_layers`` copies: compile
+    time and program size stop growing with depth (7B on 8 fake CPU devices: README "Memory plan").
 
     Raises:
       ConfigError: inconsistent sizes.
@@ -64,6 +67,7 @@ class LlamaConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    scan: bool = False
 
     def __post_init__(self):
         if not self.num_key_value_heads:
@@ -171,7 +175,9 @@ class KVCache:
     """Key/value cache for incremental decoding (a pytree; every field is an array).
 
     Attributes:
-      key, value: per layer, (B, K, S_max, D) in the compute dtype; keys are stored after RoPE. Heads
+      key, value: per layer, (B, K, S_max, D) in the compute dtype (a tuple of ``num_hidden_layers``
+        arrays; with ``config.scan`` one stacked (num_hidden_layers, B, K, S_max, D) array that the layer
+        scan reads and writes in place); keys are stored after RoPE. Heads
         come before slots so that a decode step's attention reads the cache in place (with (B, S_max,
         K, D) XLA materialised a transposed copy of every layer's cache at every step, which made a
         decode step ~10-40% slower on CPU; see benchmarks/RESULTS.md).
@@ -182,8 +188,8 @@ class KVCache:
     All shapes are fixed by (B, S_max), so a jitted step compiles once per shape; ``index`` and
     ``position`` are traced values.
     """
-    key: tuple[jax.Array, ...]
-    value: tuple[jax.Array, ...]
+    key: tuple[jax.Array, ...] | jax.Array
+    value: tuple[jax.Array, ...] | jax.Array
     mask: jax.Array
     index: jax.Array
     position: jax.Array
@@ -193,8 +199,12 @@ class KVCache:
         """An empty cache of ``max_length`` slots (dtype: default ``config.dtype``)."""
         dtype = jnp.dtype(dtype or config.dtype)
         shape = (batch, config.num_key_value_heads, max_length, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
-        return cls(key=zeros, value=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
+        if config.scan:
+            key = value = jnp.zeros((config.num_hidden_layers,) + shape, dtype)
+        else:
+            key = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+            value = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+        return cls(key=key, value=value,
                    mask=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32),
                    position=jnp.zeros((batch,), jnp.int32))
 
@@ -316,7 +326,9 @@ class Llama(nn.Module):
     ``layers_{i}/{input_layernorm,post_attention_layernorm}/scale``; ``layers_{i}/self_attn/{q,k,v,o}_proj``
     (kernels ('embed','heads'), ('embed','kv'), ('embed','kv'), ('heads','embed'));
     ``layers_{i}/mlp/{gate,up,down}_proj`` (('embed','mlp') / ('mlp','embed')); ``norm/scale``;
-    ``lm_head/kernel`` (E, V) ('embed','vocab'), absent when embeddings are tied.
+    ``lm_head/kernel`` (E, V) ('embed','vocab'), absent when embeddings are tied. With ``config.scan``
+    the blocks' parameters are ``layers/...`` instead of ``layers_{i}/...``, each with a leading
+    (num_hidden_layers,) axis named ``layers`` (``checkpoints.llama.stack_layers`` converts).
     """
     config: LlamaConfig
 
@@ -326,8 +338,15 @@ class Llama(nn.Module):
             cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
             param_dtype=jnp.dtype(cfg.param_dtype),
             embedding_init=nn.with_logical_partitioning(layers.default_kernel_init, ("vocab", "embed")))
-        block = nn.remat(LlamaDecoderLayer) if cfg.remat else LlamaDecoderLayer
-        self.layers = [block(cfg) for _ in range(cfg.num_hidden_layers)]
+        block = nn.remat(LlamaDecoderLayer, prevent_cse=not cfg.scan) if cfg.remat else LlamaDecoderLayer
+        if cfg.scan:
+            # carry x; cos/sin/mask/index broadcast to every layer; the cache (k, v) scanned over layers
+            self.layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+        else:
+            self.layers = [block(cfg) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype))
         if not cfg.tie_word_embeddings:
             self.lm_head = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), False, None)
@@ -386,7 +405,7 @@ class Llama(nn.Module):
                 positions = positions_from_mask(attention_mask)
             causal = jnp.tril(jnp.ones((l, l), bool))
             mask = causal[None, None] & attention_mask[:, None, None, :]
-            index, kvs = None, [None] * cfg.num_hidden_layers
+            index, kvs = None, None
         else:
             if cache.mask.shape[0] != b:
                 raise InputError(f"Llama: cache batch {cache.mask.shape[0]} != input batch {b}")
@@ -399,13 +418,17 @@ class Llama(nn.Module):
             q_slot = index + jnp.arange(l)
             k_slot = jnp.arange(cache.max_length)
             mask = (k_slot[None, :] <= q_slot[:, None])[None, None] & key_mask[:, None, None, :]
-            kvs = list(zip(cache.key, cache.value))
+            kvs = (cache.key, cache.value)
 
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-        new_kvs = []
-        for layer, kv in zip(self.layers, kvs):
-            x, kv = layer(x, cos, sin, mask, kv, index)
-            new_kvs.append(kv)
+        if cfg.scan:
+            x, kvs = self.layers(x, cos, sin, mask, kvs, index)
+        else:
+            new_kvs = []
+            for i, layer in enumerate(self.layers):
+                x, kv = layer(x, cos, sin, mask, None if kvs is None else (kvs[0][i], kvs[1][i]), index)
+                new_kvs.append(kv)
+            kvs = None if kvs is None else (tuple(k for k, _ in new_kvs), tuple(v for _, v in new_kvs))
         x = self.norm(x)
         if cfg.tie_word_embeddings:
             logits = self.embed_tokens.attend(x)
@@ -415,7 +438,7 @@ class Llama(nn.Module):
         if cache is None:
             return logits
         new_cache = KVCache(
-            key=tuple(kv[0] for kv in new_kvs), value=tuple(kv[1] for kv in new_kvs), mask=key_mask,
+            key=kvs[0], value=kvs[1], mask=key_mask,
             index=index + l,
             position=cache.position + attention_mask.sum(axis=1, dtype=jnp.int32))
         return logits, new_cache
