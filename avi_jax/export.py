@@ -4,7 +4,9 @@
 For every clip of the split (``--dataset``: a folder from ``python -m avi_jax.data.prepare``; default the
 dataset the run trained on) it runs the same pipeline as ``python -m avi_jax.infer`` and writes
 ``OUT/<clip_id>/coefficients.npz`` and ``instruction.txt`` (``OUT/<clip_id>/sample_K/`` with
-``--num-samples`` > 1; ``--render`` adds ``render.mp4``), then ``OUT/instructions.jsonl`` (one line per
+``--num-samples`` > 1, the paper's Diversity uses K = 10; each ``coefficients.npz`` also holds ``style``, the
+style embedding of each window, which ``python -m avi_jax.evaluate`` scores; ``--render`` adds
+``render.mp4``), then ``OUT/instructions.jsonl`` (one line per
 clip: ``clip_id``, the generated ``instruction`` (sample 0), the ``references``) and ``OUT/manifest.json``
 (workdir, dataset, split, seeds, sampler, counts, and the clips that failed with the reason). A rerun with
 the same settings skips the clips already complete, so an interrupted export resumes; a rerun with other

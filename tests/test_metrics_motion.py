@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -147,21 +148,32 @@ def test_cli_exact_export_scores_zero(reference, flame_path, tmp_path, capsys):
         if k == 2:
             e, j = np.concatenate([e, np.ones((5, 50))]), np.concatenate([j, np.ones((5, 3))])
         _write(export, c, e, j, sample=(k == 1))
+    (export / "instructions.jsonl").write_text(
+        json.dumps({"clip_id": ids[0], "instruction": "A happy man speaks.", "references": ["a happy man speaks"]})
+        + "\n")
     out = tmp_path / "m.json"
     assert _evaluate("--export", export, "--dataset", path, "--split", SPLIT, "--flame-model", flame_path,
                      "--out", out) == 0
     captured = capsys.readouterr()
     assert ids[-1] in captured.err and "lve_max_sq_mm2" in captured.out
+    for title in ("Table 1", "Table 3", "Table 4"):
+        assert title in captured.out
+    assert re.search(r"BLEU_1 ↑ +100\.0\n", captured.out) and "pt_inception-2015-12-05-6726825d.pth" in captured.out
     res = json.loads(out.read_text())
-    m = res["metrics"]
+    assert res["instructions"]["metrics"]["BLEU_1"] == pytest.approx(1.0)
+    assert res["instructions"]["counts"]["instructions"] == 1 and "SPICE" in res["instructions"]["unavailable"]
+    assert "one sample per clip" in res["diversity"]["unavailable"]["diversity_style"]
+    assert set(res["video"]["unavailable"]) >= {"fid", "kid", "lse_d", "lse_c", "gt_lse_d", "gt_lse_c"}
+    m = res["motion"]["metrics"]
     assert m["expression_mse"] == 0 and m["jaw_mse"] == 0 and m["jaw_open_pearson"] == pytest.approx(1.0)
     for k in ("lve_max_sq_mm2", "lve_max_l2_mm", "fdd_mm2", "mve_mm"):
         assert m[k] == pytest.approx(0.0, abs=1e-6), k
-        assert k in res["variants"]
+        assert k in res["motion"]["variants"]
     frames = sum(len(recs[c][0]) for c in ids[:-1])
-    assert res["counts"] == {"clips": len(ids) - 1, "frames": frames, "frames_trimmed": 5,
-                             "reference_clips": len(ids), "missing": 1, "no_reference": 0}
-    assert res["missing"] == [ids[-1]]
+    assert res["motion"]["counts"] == {"clips": len(ids) - 1, "frames": frames, "frames_trimmed": 5,
+                                       "reference_clips": len(ids), "missing": 1, "no_reference": 0,
+                                       "vertex_only": 0}
+    assert res["motion"]["missing"] == [ids[-1]]
     assert res["versions"]["numpy"] == np.__version__ and "avi_jax" in res["versions"]
 
 
@@ -182,15 +194,15 @@ def test_cli_perturbed_export_known_errors(reference, flame_path, tmp_path):
     out = tmp_path / "m.json"
     assert _evaluate("--export", export, "--dataset", path, "--split", SPLIT, "--out", out) == 0
     res = json.loads(out.read_text())
-    m = res["metrics"]
+    m = res["motion"]["metrics"]
     assert m["expression_mse"] == pytest.approx(0.01, rel=1e-4)
     assert m["jaw_mse"] == pytest.approx(jaw_sq / (3 * n), rel=1e-6)
     assert m["jaw_open_pearson"] == pytest.approx(1.0, abs=1e-5)
-    assert "lve_max_sq_mm2" not in m and res["vertex_metrics_skipped"]
+    assert "lve_max_sq_mm2" not in m and "--flame-model" in res["motion"]["unavailable"]["lve_max_sq_mm2"]
     # with the head: a changed expression moves the lips, and max-of-squares >= (mean of max)^2 (Jensen)
     assert _evaluate("--export", export, "--dataset", path, "--split", SPLIT, "--flame-model", flame_path,
                      "--out", out) == 0
-    m = json.loads(out.read_text())["metrics"]
+    m = json.loads(out.read_text())["motion"]["metrics"]
     assert m["lve_max_l2_mm"] > 0 and m["mve_mm"] > 0
     assert m["lve_max_sq_mm2"] >= m["lve_max_l2_mm"] ** 2 - 1e-9
     # motion damped to half (expression and jaw) is less dynamic than the reference: FDD (GT - pred) > 0
@@ -199,7 +211,7 @@ def test_cli_perturbed_export_known_errors(reference, flame_path, tmp_path):
         _write(damped, c, 0.5 * e, 0.5 * j)
     assert _evaluate("--export", damped, "--dataset", path, "--split", SPLIT, "--flame-model", flame_path,
                      "--out", out) == 0
-    m = json.loads(out.read_text())["metrics"]
+    m = json.loads(out.read_text())["motion"]["metrics"]
     assert m["fdd_mm2"] > 0 and m["jaw_open_pearson"] == pytest.approx(1.0, abs=1e-5)
 
 
@@ -218,3 +230,94 @@ def test_cli_errors(reference, tmp_path, capsys):
     assert _evaluate("--export", tmp_path / "bad", "--dataset", path, "--split", SPLIT,
                      "--flame-model", tmp_path / "nowhere" / "generic_model.pkl") == 2
     assert "FLAME_masks.pkl" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Other methods' formats, and diversity over samples.
+# ---------------------------------------------------------------------------------------------
+
+def _flame(path):
+    from avi_jax.checkpoints.flame import load_flame_model
+    return load_flame_model(path, os.path.join(os.path.dirname(path), "FLAME_masks.pkl"))
+
+
+def test_cli_other_methods_formats(reference, flame_path, tmp_path):
+    """DiffPoseTalk-style .npz (exp + pose (T, 6), jaw = pose[:, 3:]), EMOTE-style (exp + jaw) and bare
+    .npy (T, 53) give the same figures as our layout; FaceFormer-style (T, V*3) vertices of the reference
+    score LVE/MVE 0 and have no coefficient metrics."""
+    import jax
+    from avi_jax.models.flame import motion_to_vertices
+    path, recs = reference
+    ids = sorted(recs)
+    mixed, verts = tmp_path / "mixed", tmp_path / "verts"
+    os.makedirs(mixed), os.makedirs(verts)
+    flame = _flame(flame_path)
+    for k, c in enumerate(ids):
+        e, j = recs[c]
+        e2 = e + 0.1
+        if k % 3 == 0:
+            np.savez(mixed / f"{c}.npz", exp=e2, pose=np.concatenate([np.full_like(j, 9.0), j], -1))
+        elif k % 3 == 1:
+            np.savez(mixed / f"{c}.npz", exp=e2, jaw=j)
+        else:
+            np.save(mixed / f"{c}.npy", np.concatenate([e2, j], -1))
+        v = np.asarray(jax.jit(motion_to_vertices)(flame, np.concatenate([e, j], -1).astype(np.float32)))
+        np.save(verts / f"{c}.npy", v.reshape(len(v), -1))
+    out = tmp_path / "m.json"
+    assert _evaluate("--export", mixed, "--dataset", path, "--split", SPLIT, "--out", out) == 0
+    res = json.loads(out.read_text())
+    m = res["motion"]["metrics"]
+    assert m["expression_mse"] == pytest.approx(0.01, rel=1e-4) and m["jaw_mse"] == pytest.approx(0.0, abs=1e-12)
+    assert "instructions.jsonl not found" in res["instructions"]["unavailable"]["BLEU_1"]
+    assert _evaluate("--export", verts, "--dataset", path, "--split", SPLIT, "--flame-model", flame_path,
+                     "--out", out) == 0
+    res = json.loads(out.read_text())["motion"]
+    assert res["counts"]["vertex_only"] == len(ids) and "expression_mse" in res["unavailable"]
+    for k in ("lve_max_sq_mm2", "lve_max_l2_mm", "mve_mm", "fdd_mm2"):
+        assert res["metrics"][k] == pytest.approx(0.0, abs=1e-3), k
+
+
+def test_cli_other_formats_wrong_shape(reference, flame_path, tmp_path, capsys):
+    path, recs = reference
+    c = sorted(recs)[0]
+    os.makedirs(tmp_path / "v")
+    np.save(tmp_path / "v" / f"{c}.npy", np.zeros((25, 100, 3)))
+    assert _evaluate("--export", tmp_path / "v", "--dataset", path, "--split", SPLIT,
+                     "--flame-model", flame_path) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{c}.npy" in err and "expected vertices" in err
+    os.makedirs(tmp_path / "p")
+    np.savez(tmp_path / "p" / f"{c}.npz", exp=np.zeros((25, 50)), pose=np.zeros((25, 3)))
+    assert _evaluate("--export", tmp_path / "p", "--dataset", path, "--split", SPLIT) == 2
+    assert "pose has shape (25, 3)" in capsys.readouterr().err
+
+
+def test_diversity_of_samples(reference, flame_path, tmp_path):
+    """Two samples per clip. Styles (1, 2) (0,0) and (3,4) -> 5 for every clip. Sample 1 = sample 0 with
+    expression + 0.2 and the same jaw -> coefficient diversity = |0.2 * ones(50)| = 0.2 sqrt(50); with
+    FLAME the vertex diversity equals the mean vertex distance between the two samples' meshes."""
+    import jax
+    from avi_jax.models.flame import motion_to_vertices
+    path, recs = reference
+    export = tmp_path / "k2"
+    for c, (e, j) in recs.items():
+        for s in range(2):
+            d = export / c / f"sample_{s}"
+            os.makedirs(d)
+            np.savez(d / "coefficients.npz", expression=e + 0.2 * s, jaw_pose=j,
+                     style=np.array([[3.0 * s, 4.0 * s]], np.float32))
+    out = tmp_path / "m.json"
+    assert _evaluate("--export", export, "--dataset", path, "--split", SPLIT, "--out", out) == 0
+    d = json.loads(out.read_text())["diversity"]
+    assert d["metrics"]["diversity_style"] == pytest.approx(5.0)
+    assert d["metrics"]["diversity_coefficient"] == pytest.approx(0.2 * math.sqrt(50), rel=1e-5)
+    assert d["counts"] == {"clips": len(recs), "samples_per_clip": [2]}
+    assert _evaluate("--export", export, "--dataset", path, "--split", SPLIT, "--flame-model", flame_path,
+                     "--out", out) == 0
+    got = json.loads(out.read_text())["diversity"]["metrics"]["diversity_vertex_mm"]
+    flame = _flame(flame_path)
+    f = jax.jit(motion_to_vertices)
+    want = np.mean([np.mean(np.linalg.norm(np.asarray(f(flame, np.concatenate([e + 0.2, j], -1).astype(np.float32)))
+                                           - np.asarray(f(flame, np.concatenate([e, j], -1).astype(np.float32))),
+                                           axis=-1)) * 1000 for e, j in recs.values()])
+    assert got == pytest.approx(want, rel=1e-4)

@@ -37,7 +37,8 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def test_round_trip_dtypes_views_and_shared_storage(tmp_path):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_round_trip_dtypes_views_and_shared_storage(tmp_path, zip_format):
     torch = pytest.importorskip("torch")
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(4, 6, generator=gen)
@@ -63,7 +64,8 @@ def test_round_trip_dtypes_views_and_shared_storage(tmp_path):
     state["f16_t"] = state["f16"].t()
     state["bf16_view"] = state["bf16"][2:]
     path = tmp_path / "pytorch_model.bin"
-    torch.save(state, path)
+    torch.save(state, path, _use_new_zipfile_serialization=zip_format)
+    assert zipfile.is_zipfile(path) == zip_format
 
     loaded = load_torch_bin(str(path))
     assert list(loaded) == list(state)
@@ -138,16 +140,17 @@ def _frag(obj) -> bytes:
     return pickle.dumps(obj, protocol=2)[2:-1]
 
 
-def _torch_pickle(tensors: dict, numel: int = 4, storage_type: str = "FloatStorage") -> bytes:
+def _torch_pickle(tensors: dict, numel: int = 4, storage_type: str = "FloatStorage",
+                  legacy: bool = False) -> bytes:
     """A torch-style state-dict pickle assembled by hand (no torch needed):
     ``{name: _rebuild_tensor_v2(storage key, offset, size, stride, False, {})}`` for ``name -> (key,
     offset, size, stride)``; storages are persistent ids ``('storage', torch.<storage_type>, key, 'cpu',
-    numel)``."""
+    numel)``, with a sixth element ``None`` (no view) in the legacy format."""
     out = b"\x80\x02}"                                              # PROTO 2, EMPTY_DICT
     for name, (key, offset, size, stride) in tensors.items():
         out += _frag(name) + b"ctorch._utils\n_rebuild_tensor_v2\n("  # GLOBAL, MARK
         out += (b"(" + _frag("storage") + b"ctorch\n" + storage_type.encode() + b"\n" + _frag(key)
-                + _frag("cpu") + _frag(numel) + b"tQ")                  # persistent id: TUPLE, BINPERSID
+                + _frag("cpu") + _frag(numel) + (b"N" if legacy else b"") + b"tQ")  # TUPLE, BINPERSID
         out += _frag(offset) + _frag(tuple(size)) + _frag(tuple(stride)) + b"\x89}"  # NEWFALSE, {}
         out += b"tRs"                                                   # TUPLE, REDUCE, SETITEM
     return out + b"."
@@ -262,3 +265,82 @@ def test_entry_larger_than_the_archive_is_refused(tmp_path):
     path.write_bytes(bytes(raw))
     peak = _peak_while_refused(path, r"'archive/data/0' declares 3221225472 bytes")
     assert peak < _PEAK_LIMIT
+
+
+# ---- the legacy (torch < 1.6) format ----------------------------------------------------------------
+
+_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
+
+
+def _legacy_file(path, object_pickle: bytes, storages: list, header_counts: list | None = None,
+                 keys: list | None = None) -> None:
+    """A legacy torch.save stream assembled by hand: magic, protocol 1001, sys_info, the object pickle,
+    the storage keys, then per storage an int64 element count (``header_counts`` overrides it) and its
+    bytes. ``storages`` is a list of ``(key, float32 array)``."""
+    sys_info = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4}}
+    out = _LEGACY_MAGIC + pickle.dumps(1001, protocol=2) + pickle.dumps(sys_info, protocol=2)
+    out += object_pickle + pickle.dumps(keys if keys is not None else [k for k, _ in storages], protocol=2)
+    for i, (_, data) in enumerate(storages):
+        count = data.size if header_counts is None else header_counts[i]
+        out += int(count).to_bytes(8, "little", signed=True) + data.astype("<f4").tobytes()
+    path.write_bytes(out)
+
+
+def test_legacy_hand_assembled_round_trip(tmp_path):
+    path = tmp_path / "model.pth"
+    pkl = _torch_pickle({"w": ("k0", 0, (2, 2), (1, 2)), "v": ("k1", 1, (2,), (1,))}, legacy=True)
+    _legacy_file(path, pkl, [("k0", np.arange(4.0)), ("k1", np.arange(4.0) + 10)])
+    loaded = load_torch_bin(str(path))
+    np.testing.assert_array_equal(loaded["w"], [[0.0, 2.0], [1.0, 3.0]])
+    np.testing.assert_array_equal(loaded["v"], [11.0, 12.0])
+
+
+@pytest.mark.parametrize("case,match", [
+    ("count_differs", r"storage 'k0' declares 3 elements.*persistent id says 4"),
+    ("truncated", r"storage 'k0' declares 4 elements.*bytes left in the file"),
+    ("bomb", r"storage 'k0' declares 4294967296 elements \(17179869184 bytes"),
+    ("missing", r"storages \['k0'\] are used but missing"),
+    ("unused_key", r"storage 'zz' is listed twice or used by no tensor"),
+])
+def test_legacy_damaged_or_crafted_storages_are_refused(tmp_path, case, match):
+    path = tmp_path / "model.pth"
+    numel = 2 ** 32 if case == "bomb" else 4
+    pkl = _torch_pickle({"w": ("k0", 0, (4,), (1,))}, numel=numel, legacy=True)
+    data = [("k0", np.arange(4.0))]
+    if case == "count_differs":
+        _legacy_file(path, pkl, data, header_counts=[3])
+    elif case == "truncated":
+        _legacy_file(path, pkl, data)
+        path.write_bytes(path.read_bytes()[:-3])
+    elif case == "bomb":
+        _legacy_file(path, pkl, data, header_counts=[numel])
+    elif case == "missing":
+        _legacy_file(path, pkl, [], keys=[])
+    else:
+        _legacy_file(path, pkl, data + [("zz", np.arange(2.0))])
+    peak = _peak_while_refused(path, match)
+    assert peak < _PEAK_LIMIT
+
+
+def test_legacy_malicious_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "model.pth"
+    hostile = pickle.dumps(collections.OrderedDict(w=_Hostile(os.system, f"touch {marker}")), protocol=2)
+    _legacy_file(path, hostile, [])
+    with pytest.raises(UnsafePickleError, match=r"refusing to load global '(posix|nt|os)\.system"):
+        load_torch_bin(str(path))
+    # A hostile sys_info pickle (the stream's third pickle) is refused too.
+    evil_info = _LEGACY_MAGIC + pickle.dumps(1001, protocol=2) + pickle.dumps(
+        _Hostile(os.system, f"touch {marker}"), protocol=2)
+    path.write_bytes(evil_info)
+    with pytest.raises(UnsafePickleError, match="refusing to load global"):
+        load_torch_bin(str(path))
+    assert not marker.exists()
+
+
+def test_legacy_storage_views_are_refused(tmp_path):
+    path = tmp_path / "model.pth"
+    pkl = _torch_pickle({"w": ("k0", 0, (4,), (1,))}, legacy=True).replace(b"NtQ", _frag(("v", 0, 2)) + b"tQ")
+    _legacy_file(path, pkl, [("k0", np.arange(4.0))])
+    with pytest.raises(CheckpointError, match="storage views"):
+        load_torch_bin(str(path))

@@ -5,8 +5,10 @@ name in the same folder, then ``os.replace``), so an interrupted run never leave
   for a recording longer than one window;
 * ``coefficients.npz``: ``expression`` (T, 50) float32, ``jaw_pose`` (T, 3) float32 axis-angle radians,
   ``global_pose`` (T, 3) zeros, ``shape`` (100,) zeros (the neutral identity, as in the paper), ``fps`` 25,
-  ``sample_rate`` 16000, ``instruction`` (str), ``seed``, ``sample``, and the per-window
-  ``instructions`` (W,) str with their ``instruction_spans`` (W, 2) float32 seconds; T = round(seconds x 25);
+  ``sample_rate`` 16000, ``instruction`` (str), ``seed``, ``sample``, the per-window
+  ``instructions`` (W,) str with their ``instruction_spans`` (W, 2) float32 seconds, and ``style`` (W, D)
+  float32, the style embedding of each window (D = 128 in the paper; ``python -m avi_jax.evaluate`` measures
+  the paper's Diversity on it); T = round(seconds x 25);
 * ``render.mp4``: the FLAME mesh rendered headless (H.264 yuv420p, 25 fps, the speech as AAC);
 * ``meshes/frame_NNNNNN.{obj,ply}`` with ``--meshes``.
 """
@@ -58,6 +60,7 @@ def coefficient_arrays(result: Result) -> dict[str, np.ndarray]:
         "instruction_spans": np.array([(a, b) for a, b, _ in result.instructions], np.float32).reshape(-1, 2),
         "seed": np.int64(result.seed),
         "sample": np.int32(result.sample),
+        **({"style": np.asarray(result.style, np.float32)} if result.style is not None else {}),
     }
 
 

@@ -1,4 +1,5 @@
-"""Motion metrics of speech-driven 3D face animation, in numpy (float64), each named after its exact variant.
+"""Motion metrics of speech-driven 3D face animation, in numpy (float64; the per-frame lip error in float32 from
+:mod:`avi_jax.metrics.lip_vertex_error`), each named after its exact variant.
 
 Vertex-space metrics take vertex sequences (T, V, 3) in one unit; :mod:`avi_jax.metrics.evaluate_motion`
 passes FLAME vertices in millimetres (metres x 1000), so squared errors are mm^2 and distances mm.
@@ -22,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from avi_jax.errors import InputError
+from avi_jax.metrics import lip_vertex_error
 from avi_jax.metrics.correlation import pearson
 
 JAW_OPEN = 0        # jaw_pose[..., 0]: rotation about x, the opening of the mouth (radians)
@@ -36,18 +38,11 @@ def _pair(pred, gt, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def lip_max_sq_error(pred: np.ndarray, gt: np.ndarray, lip_indices: Sequence[int]) -> np.ndarray:
-    """Per frame, the largest squared L2 error over the lip vertices.
-
-    Args:
-      pred, gt: (T, V, 3) vertices (one unit, e.g. mm).
-      lip_indices: (L,) int vertex indices (FLAME_masks.pkl ``lips``).
-
-    Returns:
-      (T,) float64, in the squared unit (mm^2).
-    """
+    """Per frame, the largest squared L2 error over the lip vertices: (T, V, 3) x 2 -> (T,) float64 in the
+    squared unit (mm^2 for mm), from :func:`avi_jax.metrics.lip_vertex_error.lip_max_sq_error` (the one
+    definition, shared with training evaluation)."""
     pred, gt = _pair(pred, gt, "lip_max_sq_error")
-    idx = np.asarray(lip_indices, np.int64)
-    return np.max(np.sum(np.square(pred[:, idx] - gt[:, idx]), -1), -1)
+    return np.asarray(lip_vertex_error.lip_max_sq_error(pred, gt, np.asarray(lip_indices, np.int64)), np.float64)
 
 
 def lve_max_sq(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], lip_indices: Sequence[int]) -> float:
