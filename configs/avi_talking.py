@@ -12,6 +12,8 @@ avi_jax.infer --workdir RUN`` then turns speech into instructions, FLAME coeffic
 Variants: ``paper`` (default; needs the local Hugging Face folders and prepared dataset each family's
 config names), ``demo`` (runs on 2 CPU cores; see README.md), ``tiny`` (tests).
 ``:variant=demo,stage=motion`` restricts a run to one stage (the others it needs come from the workdir).
+``:demo,ablation=NAME`` is one of the paper's ablated systems (Tables 1, 3, 4; :data:`ABLATIONS`):
+``python -m avi_jax.ablate`` trains and compares them all.
 """
 from __future__ import annotations
 
@@ -19,8 +21,43 @@ import ml_collections
 
 from configs import common, instruct, motion_prior, style_prior
 
+# The paper's ablated systems (Sec. IV-D): name -> the fields it sets (dotted paths under this config).
+ABLATIONS = {
+    # Tables 3 and 4 "w/o Aug.": no text augmentation in either stage (Sec. IV-A-2)
+    "no_aug": {"instruct.data.augment.enabled": False, "style.data.augment.enabled": False},
+    # Table 3 "w/o LLaMA": the Q-Former generates the instruction itself (BLIP-2; avi_jax/models/qformer_lm.py)
+    "no_llama": {"instruct.model.decoder": "qformer"},
+    # Table 3 "w/o Q-Former": no contrastive pre-alignment (no align stage, no InfoNCE)
+    "no_qformer_align": {"instruct.model.contrastive_align": False},
+    # Table 4 "w/o Cont Align": no instruction-style InfoNCE (Eq. 7)
+    "no_cont_align": {"style.model.prior.overrides.no_contrastive": True},
+    # Table 4 "w/o Diffusion": the aligner's output is the style embedding (no prior)
+    "no_diffusion": {"style.model.prior.overrides.no_diffusion": True},
+    # Table 1 "AVI-Talking (w/o LLM)": the style prior is conditioned on the Q-Former's aligned audio embedding
+    "no_llm": {"style.model.prior.overrides.condition": "audio"},
+}
+
+
+def apply_ablation(c: ml_collections.ConfigDict, name: str) -> None:
+    """Set the fields of ablation ``name`` (:data:`ABLATIONS`) in the system config ``c`` and record it as
+    ``c.ablation``. Raises ``ValueError`` for an unknown name or a field this version does not have."""
+    if name not in ABLATIONS:
+        raise ValueError(f"unknown ablation {name!r}; expected one of {', '.join(ABLATIONS)} (or '' for the "
+                         f"full system)")
+    for path, value in ABLATIONS[name].items():
+        *parents, leaf = path.split(".")
+        node = c
+        for key in parents:
+            node = node.get(key) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node and not path.startswith(
+                "style.model.prior.overrides.")):      # preset overrides: any keyword of the preset
+            raise ValueError(f"ablation {name!r}: config field {path} does not exist")
+        node[leaf] = value
+    c.ablation = name
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = common.parse_arg(arg, variant="paper", stage="")
+    arg = common.parse_arg(arg, variant="paper", stage="", ablation="")
     families = {"instruct": instruct.get_config(arg.variant), "motion": motion_prior.get_config(arg.variant),
                 "style": style_prior.get_config(arg.variant)}
     c = ml_collections.ConfigDict()
@@ -40,6 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             for key in ("seed", "num_speakers", "clip_seconds"):
                 sub.data.demo[key] = first.data.demo.get_ref(key)
         c[name] = sub
+    c.ablation = ""
+    if arg.ablation:
+        apply_ablation(c, arg.ablation)
+        first.stages = instruct.default_stages(first)
     c.stages = tuple(first.stages) + ("motion", "style")
     if arg.stage:
         if arg.stage not in c.stages:

@@ -142,6 +142,15 @@ def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collection
     return ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor})
 
 
+def augment_config(enabled: bool = True) -> ml_collections.ConfigDict:
+    """``data.augment``: EDA text augmentation of the training instructions (paper Sec. IV-A-2; on by default
+    as in the paper, ``enabled=False`` is the "w/o Aug." ablation; see ``avi_jax/data/augment.py``): each
+    instruction is augmented with probability ``prob`` by one of ``ops``, changing ~``alpha`` of its words;
+    synonyms from the first ``senses`` WordNet senses of a word."""
+    return ml_collections.ConfigDict({"enabled": enabled, "prob": 0.5, "alpha": 0.1,
+                                      "ops": ("synonym", "insert", "swap", "delete"), "senses": 1})
+
+
 def optimizer_config(lr: float, warmup_steps: int, weight_decay: float = 0.05,
                      clip_norm: float = 1.0) -> ml_collections.ConfigDict:
     """AdamW with linear warmup then cosine decay to ``lr * final_lr_ratio``, global-norm clipping."""

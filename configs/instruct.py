@@ -6,6 +6,7 @@ Variants (``--config configs/instruct.py:VARIANT`` or ``:variant=VARIANT,stage=S
   frozen BERT-base text encoder (stage ``align``), then a linear projection into frozen Vicuna-7B
   (stage ``tune``). Needs local Hugging Face folders and a prepared dataset: set
   ``--config.model.audio_encoder.hf_path``, ``--config.model.text_encoder.hf_path``,
+  ``--config.model.qformer.hf_path`` (bert-base-uncased, BLIP-2's Q-Former initialisation),
   ``--config.model.llm.hf_path`` and ``--config.data.dir`` (a dataset prepared by
   ``python -m avi_jax.data.prepare``).
 * ``demo``: runs anywhere on CPU in minutes. The synthetic demo corpus; the frozen pretrained text
@@ -35,6 +36,13 @@ def _stage(total_steps: int, batch_size: int, lr: float, warmup: int, *, log_eve
     })
 
 
+def default_stages(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The stage-1 stages a config trains: ``lm`` (demo/tiny with the LLM decoder), ``align`` (unless
+    ``model.contrastive_align`` is False), ``tune``."""
+    lm = ("lm",) if c.variant != "paper" and c.model.decoder == "llm" else ()
+    return lm + (("align",) if c.model.contrastive_align else ()) + ("tune",)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 32 speakers (27 train, 1 validation, 4 held-out test = 96 clips): fewer train speakers let the
     # small from-scratch audio encoder memorise speakers instead of learning emotion.
@@ -45,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.stage:
         c.stages = (arg.stage,)
     c.data.max_text_tokens = 40 if small else 64
+    c.data.augment = common.augment_config()   # text augmentation of the align/tune targets (Sec. IV-A-2)
 
     # ---- tokenizers ---------------------------------------------------------------------------
     # paper: the LLM's and the text encoder's own tokenizers (from their HF folders, or set paths here);
@@ -80,6 +89,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     })
     m.qformer = ml_collections.ConfigDict({
         "preset": "tiny" if small else "paper",
+        # paper: BLIP-2's initialisation, self-attention and feed-forward from BERT-base (set hf_path to a
+        # local bert-base-uncased folder; a transformers Blip2QFormerModel folder loads whole), queries and
+        # cross-attention fresh (avi_jax/checkpoints/qformer.py); demo/tiny: seeded random init.
+        "source": "init" if small else "hf", "hf_path": "",
         "overrides": ml_collections.ConfigDict(
             {"num_queries": 8, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
              "intermediate_size": 128, "cross_attention_freq": 1, "embed_dim": 64} if small else {}),
@@ -90,12 +103,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # The paper keeps Vicuna frozen and trains only the projection; the demo's stand-in LM (a few
         # minutes of training on instruction texts) cannot follow a soft prompt unless tuned with it.
         "train_in_tune": small,
+        # What decides whether frozen Vicuna-7B fits (python -m avi_jax.plan): compute dtype, storage dtype of
+        # the weights (bf16: 13.5 GB instead of 27 GB), nn.remat per decoder block (stage 1b's gradients
+        # flow back through all 32 blocks to the soft prompt) and nn.scan over the blocks (one compiled block).
         "dtype": "float32" if small else "bfloat16",
+        "param_dtype": "float32" if small else "bfloat16",
+        "remat": not small, "scan": not small,
         "overrides": ml_collections.ConfigDict(
             {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
              "max_position_embeddings": 128} if small else {}),
     })
+
+    # ---- stage-1 ablations (paper Sec. IV-D, Table 3; configs/avi_talking.py's `ablation=`) ----------
+    # decoder: what generates the instruction: 'llm' (the paper: the soft prompt into LLaMA) or 'qformer'
+    # ("w/o LLaMA": BLIP-2's audio-grounded text generation by the Q-Former itself, with its own causal text
+    # path and LM head over the text encoder's tokenizer, avi_jax/models/qformer_lm.py; no LLM anywhere).
+    m.decoder = "llm"
+    # contrastive_align: pre-align the Q-Former with InfoNCE (stage align, Eq. 6) before tune. False = "w/o
+    # Q-Former alignment": no align stage; tune trains the Q-Former (and an audio encoder the demo trains in
+    # align) from their initialisation with the generation loss alone, as BLIP-2's ablation without
+    # representation learning does (a frozen random Q-Former would test an untrained bridge instead).
+    m.contrastive_align = True
 
     # ---- stages -------------------------------------------------------------------------------
     if small:

@@ -11,6 +11,10 @@ Variants (``--config configs/motion_prior.py:VARIANT``):
   runs on 2 CPU cores in a few minutes.
 * ``tiny``: the demo at toy size, for tests.
 
+Style distillation (paper Sec. IV-A-2): ``motion.distill.weight`` (1.0; 0 in the demo; 0 disables),
+``motion.distill.teacher_path`` (a trained styling teacher; '' = trained in this stage); see
+``avi_jax/training/motion.py``.
+
 Outputs: ``<workdir>/motion/params.safetensors`` (every component, incl. the ``normalizer`` statistics
 that the style stage and inference need) and ``final_metrics.json`` (jaw_correlation, coeff_mse,
 mean_pose_mse, ...).
@@ -65,6 +69,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                              weight_decay=0.01),
         "target_fraction": 0.5,       # share of a clip's frames predicted per step (see training/motion.py)
         "exclusion_margin": 2,        # frames around the target also hidden from the style encoder
+        # Style distillation (paper Sec. IV-A-2): the style encoder's embedding is pulled towards that of
+        # EMOTE-style linear styling teacher (one-hot emotion ++ intensity -> style), trained jointly here or
+        # loaded frozen from teacher_path (a safetensors file with style_teacher/linear/{kernel,bias}).
+        # weight 0 disables it (no teacher). The paper gives no weight; 1.0 weighs the distillation MSE
+        # (in style-embedding units) like the unit-weighted reconstruction term. Off in the demo: its
+        # speakers have individual expression offsets that an emotion/intensity code cannot carry (measured:
+        # coeff_mse 0.0078 without, 0.0115 at weight 0.1, 0.0142 at 1.0; jaw correlation unchanged).
+        "distill": ml_collections.ConfigDict({"weight": 0.0 if arg.variant == "demo" else 1.0,
+                                              "teacher_path": ""}),
     })
 
     if arg.variant == "tiny":

@@ -18,8 +18,17 @@ Variants (``--config configs/style_prior.py:VARIANT``):
   runs on 2 CPU cores in a few minutes.
 * ``tiny``: toy size, for tests.
 
-``--config.model.prior.overrides.no_diffusion=True`` is the paper's Table 4 ablation (the aligner output is
-the style embedding; no prior).
+Ablations (paper Tables 1 and 4), one field each:
+
+* ``--config.model.prior.overrides.no_diffusion=True``: "w/o Diffusion" (the aligner output is the style
+  embedding; no prior).
+* ``--config.model.prior.overrides.no_contrastive=True``: "w/o Cont Align" (no InfoNCE of Eq. 7, no
+  temperature; the aligner learns through the diffusion loss alone).
+* ``--config.model.prior.overrides.condition=audio``: "AVI-Talking (w/o LLM)" (Table 1): the aligner embeds
+  the Q-Former's aligned audio embedding of a finished stage-1 ``align`` run (``instruct_workdir``; '' = this
+  workdir, as in a whole-system run) instead of the instruction's text embedding; no text encoder, and
+  inference runs no LLM.
+* ``--config.data.augment.enabled=False``: "w/o Aug." (no text augmentation of the instructions).
 """
 from __future__ import annotations
 
@@ -32,9 +41,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c, arg = common.base_config(arg, "style", ("style",), demo_speakers=12)
     small = c.variant != "paper"
     c.motion_workdir = ""                 # a finished motion run (required)
+    c.instruct_workdir = ""               # condition 'audio' only: a run with a finished stage-1 'align'
     # data.dir '' + demo: <motion_workdir>/data, shared with the motion run. max_audio_seconds is the
     # clip crop; its F = 25 * seconds frames are the style reference (<= the style encoder's 256).
     c.data.max_text_tokens = 40 if small else 77
+    c.data.augment = common.augment_config()   # text augmentation of the style instructions (Sec. IV-A-2)
     c.data.stats_max_clips = 0 if small else 4000   # clips for the style-space mean/scale (0 = all)
 
     # ---- tokenizer (paper: the text encoder's own; demo: a word tokenizer trained on the texts) ---
@@ -53,7 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     })
     m.prior = ml_collections.ConfigDict({
         "preset": "demo" if small else "paper",          # avi_jax.models.style_prior presets
-        "overrides": ml_collections.ConfigDict({"no_diffusion": False}),
+        "overrides": ml_collections.ConfigDict({"no_diffusion": False, "no_contrastive": False,
+                                                "condition": "instruction"}),
     })
 
     # ---- stage --------------------------------------------------------------------------------

@@ -174,6 +174,25 @@ def test_sharding_disjoint_and_covering(tok):
     assert not (epoch[0] & epoch[1]) and len(epoch[0]) == len(epoch[1]) == per_host
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_hosts_together_read_the_batches_of_one_host(tok, train):
+    """The 3 hosts' batches, concatenated in process order (as ``sharding.shard_batch`` builds the global
+    batch), are the batches of 1 host with the global batch size, row for row: a multi-host run trains on
+    the same batches (and per-row randomness meets the same rows) as a 1-process run. 13 records, global
+    batch 6: training batches straddle epochs; evaluation pads the last batch."""
+    recs = _records(n=13)
+    kw = dict(shuffle=train, num_epochs=3 if train else 1, drop_remainder=train)
+    one = list(_ds(recs, tok, batch_size=6, **kw))
+    hosts = [list(_ds(recs, tok, batch_size=2, shard_index=h, shard_count=3, **kw)) for h in range(3)]
+    assert len(one) == pipeline.num_batches(13, batch_size=2, shard_count=3, drop_remainder=train,
+                                            num_epochs=kw["num_epochs"]) == (6 if train else 3)
+    assert [len(h) for h in hosts] == [len(one)] * 3
+    for k, want in enumerate(one):
+        for key in want:
+            got = np.concatenate([h[k][key] for h in hosts])
+            np.testing.assert_array_equal(got, want[key], err_msg=f"batch {k} {key}")
+
+
 def test_finite_epochs_and_drop_remainder(tok):
     recs = _records(n=13)
     assert len(list(_ds(recs, tok, num_epochs=2, batch_size=4))) == (2 * 13) // 4

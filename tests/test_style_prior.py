@@ -1,6 +1,7 @@
 """Stage 2b: the instruction aligner, the x0 diffusion prior, the Diversity score and the style stage."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -167,6 +168,55 @@ def _losses(workdir):
     return [r["step"] for r in rows], np.array([r["loss"] for r in rows])
 
 
+def _loss_setup(config, workdir):
+    """A StyleStage on ``config`` without a dataset (the demo tokenizer written to ``workdir``), its
+    parameters and a batch of 4 clips."""
+    from avi_jax.assembly.style import StyleSetup
+    from avi_jax.data import schema
+    from avi_jax.data.tokenizer import train_word_tokenizer
+    from avi_jax.training.style import StyleStage
+    train_word_tokenizer(["a happy man speaks.", "a sad woman talks."], os.path.join(workdir, "tokenizer"))
+    setup = StyleSetup(config, workdir, data=False)
+    stage = StyleStage(setup)
+    f, n = 6, int(config.data.max_text_tokens)
+    ids, mask = setup.tokenize(["a happy man speaks.", "a sad woman talks.", "a happy man speaks.", "a man."])
+    rng = np.random.default_rng(0)
+    batch = {"text_ids": jnp.asarray(ids), "text_mask": jnp.asarray(mask),
+             "expression": jnp.asarray(rng.normal(size=(4, f, schema.N_EXPRESSION)), jnp.float32),
+             "jaw_pose": jnp.asarray(rng.normal(size=(4, f, schema.N_JAW)), jnp.float32),
+             "coeff_mask": jnp.ones((4, f), bool), "valid": jnp.ones(4, bool),
+             "emotion": jnp.array([5, 6, 5, 0]), "intensity": jnp.array([1, 2, 1, 3])}
+    assert ids.shape == (4, n)
+    params = jax.jit(lambda r: nn.meta.unbox(setup.init_params(r, batch, with_statistics=False)))(
+        jax.random.key(0))
+    return stage, params, batch
+
+
+def test_no_contrastive_drops_eq7(tmp_path, motion_workdir):
+    """``no_contrastive`` (Table 4 "w/o Cont Align"): no temperature parameter, no InfoNCE term; the loss
+    is exactly lambda x the x0-MSE, which equals the full system's x0-MSE at the same parameters and rng."""
+    full = _style_config(motion_workdir)
+    ablated = _style_config(motion_workdir, **{"model.prior.overrides.no_contrastive": True})
+    stage_f, params_f, batch = _loss_setup(full, str(tmp_path / "f"))
+    stage_a, params_a, _ = _loss_setup(ablated, str(tmp_path / "a"))
+    assert "temp" in params_f["aligner"] and "temp" not in params_a["aligner"]
+    assert stage_a.trainable == stage_f.trainable
+    params_a = {**params_f, "aligner": {k: v for k, v in params_f["aligner"].items() if k != "temp"}}
+    rng = jax.random.key(3)
+    loss_f, m_f = jax.jit(stage_f.loss)(params_f, batch, rng)
+    loss_a, m_a = jax.jit(stage_a.loss)(params_a, batch, rng)
+    assert "info_nce" in m_f and not {"info_nce", "temperature", "acc_t2s"} & set(m_a)
+    lam = float(full.style.x0_weight)
+    assert float(m_a["x0_mse"]) > 0
+    np.testing.assert_allclose(float(loss_a), lam * float(m_a["x0_mse"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m_a["x0_mse"]), float(m_f["x0_mse"]), rtol=1e-6)
+    np.testing.assert_allclose(float(loss_f), float(m_f["info_nce"]) + lam * float(m_f["x0_mse"]), rtol=1e-6)
+    # the gradient reaches the aligner through the diffusion loss alone
+    grads = jax.jit(jax.grad(lambda p: stage_a.loss({**params_a, "aligner": p}, batch, rng)[0]))(
+        params_a["aligner"])
+    assert float(jnp.abs(grads["out"]["kernel"]).max()) > 0
+
+
 def test_missing_motion_run_is_a_clear_error(tmp_path):
     from avi_jax.training.experiment import train_and_evaluate
     config = style_configs.get_config("tiny")
@@ -249,3 +299,136 @@ def test_paper_config_without_paths_names_the_fields(tmp_path, motion_workdir):
     config.data.dir = str(tmp_path)
     with pytest.raises(ConfigError, match=r"config\.model\.text_encoder\.hf_path is empty.*CLIP"):
         train_and_evaluate(config, str(tmp_path / "b"))
+
+
+# ---- the "w/o LLM" system: the style prior conditioned on the Q-Former's aligned audio embedding ------
+
+
+@pytest.fixture(scope="module")
+def align_workdir(tmp_path_factory):
+    """A fake finished tiny stage-1 align run: config.json, the demo tokenizer and seeded-init exported
+    audio encoder, Q-Former and text encoder (what the audio condition needs from it)."""
+    from avi_jax.assembly.instruct import InstructSetup
+    from avi_jax.checkpoints.exported import export_params
+    from avi_jax.data.tokenizer import train_word_tokenizer
+    from avi_jax.models.instructor import Instructor
+    from avi_jax.training.experiment import save_config
+    from configs import instruct
+    workdir = str(tmp_path_factory.mktemp("align_run"))
+    config = instruct.get_config("tiny")
+    save_config(config, workdir)
+    train_word_tokenizer(["a happy man speaks.", "a sad woman talks."], os.path.join(workdir, "tokenizer"))
+    setup = InstructSetup(config, workdir, data=False)
+    n = 1600
+    params = jax.jit(lambda r: nn.meta.unbox(setup.model.init(
+        r, jnp.zeros((1, n)), jnp.ones((1, n), bool), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), bool),
+        method=Instructor.align))["params"])(jax.random.key(1))
+    export_params(params, os.path.join(workdir, "align", "params.safetensors"))
+    return workdir
+
+
+def test_audio_condition_uses_no_text_encoder_and_depends_on_the_audio(tmp_path, motion_workdir, align_workdir):
+    """condition='audio' (Table 1 "w/o LLM"): no tokenizer, text encoder or LLM parameters; the aligner
+    embeds the align run's Q-Former embedding (its width), loaded from the align export; the loss and the
+    sampled styles depend on the audio."""
+    from avi_jax.assembly.style import StyleSetup
+    from avi_jax.data import schema
+    from avi_jax.training.style import StyleStage
+    config = _style_config(motion_workdir, **{"model.prior.overrides.condition": "audio",
+                                              "instruct_workdir": align_workdir})
+    setup = StyleSetup(config, str(tmp_path), data=False)
+    assert setup.tokenizer is None and setup.text_model is None
+    assert setup.prior_config.text_dim == setup.audio.setup.model_config.qformer.embed_dim
+    assert setup.source_of("qformer") == setup.source_of("audio_encoder") == "instruct"
+    f, n = 4, 4 * schema.SAMPLES_PER_FRAME
+    rng = np.random.default_rng(0)
+    audio = jnp.asarray(0.1 * rng.normal(size=(4, n)), jnp.float32)
+    batch = {"audio": audio, "audio_mask": jnp.ones((4, n), bool),
+             "expression": jnp.asarray(rng.normal(size=(4, f, schema.N_EXPRESSION)), jnp.float32),
+             "jaw_pose": jnp.zeros((4, f, schema.N_JAW)), "coeff_mask": jnp.ones((4, f), bool),
+             "valid": jnp.ones(4, bool), "emotion": jnp.array([5, 6, 5, 0]), "intensity": jnp.array([1, 2, 1, 3])}
+    params = jax.jit(lambda r: nn.meta.unbox(setup.init_params(r, batch, with_statistics=False)))(jax.random.key(0))
+    assert set(params) == {"audio_encoder", "qformer", "style_encoder", "normalizer", "aligner", "prior",
+                           "style_norm"}
+    # the frozen audio path is the align run's, not a seeded init
+    loaded = setup.load("qformer", "instruct", params["qformer"], None)
+    from avi_jax.checkpoints.exported import load_exported
+    direct = load_exported(os.path.join(align_workdir, "align", "params.safetensors"), params["qformer"],
+                           prefix="qformer/")
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(direct)):
+        np.testing.assert_array_equal(a, b)
+    params.update({c: setup.load(c, "instruct", params[c], None) for c in ("audio_encoder", "qformer")})
+    feats = np.asarray(jax.jit(setup.condition_features)(params, audio, batch["audio_mask"]))
+    assert feats.shape == (4, setup.prior_config.text_dim)
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=-1), 1.0, rtol=1e-5)
+    assert np.abs(feats[0] - feats[1]).max() > 1e-4
+    stage = StyleStage(setup)
+    loss_fn = jax.jit(stage.loss)
+    loss, metrics = loss_fn(params, batch, jax.random.key(2))
+    assert np.isfinite(float(loss)) and "info_nce" in metrics
+    loss2, _ = loss_fn(params, {**batch, "audio": audio[::-1]}, jax.random.key(2))
+    assert float(loss2) != float(loss)
+    keys = jnp.stack([jax.random.key(3)] * 2)
+    mask = np.ones((2, n), bool)
+    a = setup.sample_audio(params, np.asarray(audio[:2]), mask, keys, num_samples=2)
+    b = setup.sample_audio(params, np.asarray(audio[2:]), mask, keys, num_samples=2)
+    assert a.shape == (2, 2, setup.prior_config.style_dim) and np.abs(a - b).max() > 1e-4
+    with pytest.raises(ConfigError, match="conditioned on the audio|conditioned on audio"):
+        setup.sample(params, ["a happy man speaks."], keys[:1])
+
+
+def test_audio_condition_needs_a_finished_align_run(tmp_path, motion_workdir):
+    from avi_jax.assembly.style import StyleSetup
+    config = _style_config(motion_workdir, **{"model.prior.overrides.condition": "audio"})
+    with pytest.raises(ConfigError, match=r"align/params\.safetensors not found.*instruct_workdir"):
+        StyleSetup(config, str(tmp_path), data=False)
+    config = _style_config(motion_workdir, **{"model.prior.overrides.condition": "speech"})
+    with pytest.raises(ConfigError, match="condition must be one of"):
+        StyleSetup(config, str(tmp_path), data=False)
+
+
+@pytest.mark.slow
+def test_no_llm_system_trains_and_infers_from_audio_alone(tmp_path, system_workdir):
+    """``ablation`` "w/o LLM" on a finished tiny system: the style stage retrained with condition='audio'
+    (its params hold no text encoder), then inference samples styles from the audio without loading or
+    running stage 1's LLM; different speech gives different styles and motion."""
+    import shutil
+    from safetensors import safe_open
+    from avi_jax.data import demo
+    from avi_jax.errors import InputError
+    from avi_jax.inference import pipeline
+    from avi_jax.inference.system import TalkingFace
+    from avi_jax.training.experiment import train_and_evaluate
+    from configs import avi_talking
+    workdir = str(tmp_path / "run")
+    shutil.copytree(system_workdir, workdir)
+    shutil.rmtree(os.path.join(workdir, "style"))
+    config = avi_talking.get_config("variant=tiny,stage=style")
+    config.style.model.prior.overrides.condition = "audio"
+    metrics = train_and_evaluate(config, workdir)
+    assert np.isfinite(metrics["retrieval_top1"]) and metrics["diversity"] > 0
+    with safe_open(os.path.join(workdir, "style", "params.safetensors"), "numpy") as f:
+        assert {k.split("/")[0] for k in f.keys()} == {"aligner", "prior", "style_norm"}
+    face = TalkingFace.load(workdir)
+    assert face.audio_conditioned and face.style.text_model is None
+    inf = config.inference
+    options = pipeline.Options(num_samples=2, window_seconds=inf.window_seconds,
+                               overlap_seconds=inf.overlap_seconds, bucket_seconds=tuple(inf.bucket_seconds),
+                               batch_size=inf.batch_size)
+    clips = [demo.generate_clip(0, 1, e, 3, clip_seconds=1.0, num_speakers=4)["audio"] for e in ("happy", "sad")]
+    happy, sad = pipeline.synthesize(face, clips, options)
+    assert face._instruct is None                      # stage 1's LLM was never loaded
+    assert happy[0].instruction == pipeline.NO_INSTRUCTION
+    # the condition is the audio's: different speech, different aligned embeddings and (through the few-step
+    # tiny prior, only slightly) different styles
+    n = clips[0].shape[0]
+    feats = np.asarray(face.style.condition_features(face.style_params, jnp.asarray(np.stack(clips)),
+                                                     jnp.ones((2, n), bool)))
+    assert np.abs(feats[0] - feats[1]).max() > 1e-3
+    assert np.abs(happy[0].style - sad[0].style).max() > 0
+    assert np.abs(happy[0].style - happy[1].style).max() > 0           # K samples differ
+    assert np.abs(happy[0].motion - sad[0].motion).max() > 0
+    again = pipeline.synthesize(face, clips[:1], options)[0]             # a clip's outputs are its own
+    np.testing.assert_allclose(again[0].style, happy[0].style, atol=1e-5)
+    with pytest.raises(InputError, match="conditioned on the audio"):
+        pipeline.synthesize(face, clips[:1], dataclasses.replace(options, instruction="A happy man speaks."))

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import jax
 
-from avi_jax.data import builder, demo, pipeline, schema
+from avi_jax.data import augment, builder, demo, pipeline, schema
 from avi_jax.errors import ConfigError
 
 DATA_DIR_HINT = ("a dataset prepared by `python -m avi_jax.data.prepare ...` (ArrayRecord folder)")
@@ -121,7 +121,8 @@ def clip_dataset(config: Any, data_path: str, split: str, *, batch_size: int, tr
                  tokenizers: Mapping[str, Any] | None = None, max_text_tokens: int = 2):
     """The batch stream of one split (see ``pipeline.make_dataset`` for the batch keys and shapes).
 
-    train: shuffled, random frame-aligned crops, random instruction, repeats forever, full batches;
+    train: shuffled, random frame-aligned crops, random instruction (augmented per ``config.data.augment``),
+    repeats forever, full batches;
     otherwise one pass in record order (the first ``config.data.max_eval_clips`` clips when > 0), padded
     to whole batches with ``valid = False`` rows. ``batch_size`` is global (divided by the process count).
     """
@@ -133,7 +134,8 @@ def clip_dataset(config: Any, data_path: str, split: str, *, batch_size: int, tr
         source, batch_size=batch_size // jax.process_count(), seed=int(config.seed),
         shuffle=train, num_epochs=None if train else 1, max_audio_samples=max_audio_samples(config),
         max_text_tokens=max_text_tokens, tokenizers=dict(tokenizers or {}),
-        instruction_choice="random" if train else "first", drop_remainder=train)
+        instruction_choice="random" if train else "first", drop_remainder=train,
+        augment=augment.from_config(d.get("augment")) if train else None)
 
 
 def instruction_texts(source: Any) -> list[str]:

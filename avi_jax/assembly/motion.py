@@ -23,6 +23,8 @@ from avi_jax.models import motion as motion_lib
 from avi_jax.models.motion import MotionConfig, MotionPrior
 
 STAGE = "motion"   # the stage name: <workdir>/motion/params.safetensors
+TEACHER = "style_teacher"   # the styling teacher component (style distillation)
+NUM_INTENSITIES = 4         # intensity levels of the records: 0 (unknown), 1..3
 _HF_AUDIO = "a local Hugging Face Wav2Vec2 folder (e.g. wav2vec2-base-960h: config.json + model.safetensors)"
 _FLAME_HINT = "the FLAME model (generic_model.pkl from https://flame.is.tue.mpg.de)"
 
@@ -51,7 +53,21 @@ def motion_model_config(config: Any) -> MotionConfig:
     else:
         audio = common.preset(audio_lib.AudioEncoderConfig, m.audio_encoder)
     return common.preset(MotionConfig, m.motion, audio=audio,
-                         feature_layer=int(m.audio_encoder.feature_layer))
+                         feature_layer=int(m.audio_encoder.feature_layer),
+                         style_teacher=distill_weight(config) > 0, num_emotions=len(schema.EMOTIONS),
+                         num_intensities=NUM_INTENSITIES)
+
+
+def distill_weight(config: Any) -> float:
+    """``config.motion.distill.weight`` (0 when the config has no such field, e.g. an older run's)."""
+    stage = config.get(STAGE, None)
+    distill = stage.get("distill", None) if stage is not None else None
+    return float(distill.get("weight", 0.0)) if distill is not None else 0.0
+
+
+def teacher_path(config: Any) -> str:
+    """``config.motion.distill.teacher_path``: a user's trained styling teacher ('' = train it here)."""
+    return str(config[STAGE].distill.get("teacher_path", "")) if distill_weight(config) > 0 else ""
 
 
 def motion_statistics(source: Any, max_clips: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -120,16 +136,26 @@ class MotionSetup:
         return common.clip_dataset(self.config, self.data_path, split, batch_size=batch_size, train=train)
 
     def source_of(self, component: str, stage: str = STAGE) -> str:
-        """INIT or 'hf' (the Wav2Vec2 of ``config.model.audio_encoder.source``); one stage, ``motion``."""
+        """INIT, 'hf' (the Wav2Vec2 of ``config.model.audio_encoder.source``) or 'file' (a styling teacher
+        from ``motion.distill.teacher_path``); one stage, ``motion``."""
         if component == "audio_encoder":
             return self.config.model.audio_encoder.source
+        if component == TEACHER:
+            return "file" if teacher_path(self.config) else INIT
         if component in ("content_encoder", "style_encoder", "generator", "normalizer"):
             return INIT
         raise ConfigError(f"unknown motion component {component!r}")
 
     def load(self, component: str, source: str, abstract: Any, shardings: Any) -> Any:
         """Load a non-INIT component: 'hf' = the Wav2Vec2 of ``config.model.audio_encoder.hf_path``
-        (placed on ``shardings`` as converted). Raises ``ConfigError`` for anything else."""
+        (placed on ``shardings`` as converted), 'file' = the styling teacher of ``motion.distill.teacher_path``
+        (a safetensors file with ``style_teacher/linear/kernel`` (num_emotions + 4, style_embed_dim) and
+        ``style_teacher/linear/bias``, e.g. another run's ``motion/params.safetensors``). Raises
+        ``ConfigError`` for anything else, ``CheckpointError`` for a missing file or tensor."""
+        if component == TEACHER and source == "file":
+            path = common.require_path(teacher_path(self.config), "motion.distill.teacher_path",
+                                       "a safetensors file with the style_teacher/linear tensors")
+            return load_exported(path, abstract, shardings, prefix=f"{TEACHER}/")
         if component == "audio_encoder" and source == "hf":
             from avi_jax.checkpoints.audio_encoder import load_audio_encoder
             _, params = load_audio_encoder(self.config.model.audio_encoder.hf_path, shardings=shardings,
@@ -142,6 +168,10 @@ class MotionSetup:
         """Boxed parameters of every component; ``normalizer`` holds the training statistics."""
         motion, mask = target_motion(batch)
         params = dict(self.model.init(rng, batch["audio"], batch["audio_mask"], motion, mask)["params"])
+        if self.model_config.style_teacher:
+            labels = jnp.zeros(mask.shape[:1], jnp.int32)
+            params[TEACHER] = self.model.init(rng, labels, labels, method=MotionPrior.teacher_style)[
+                "params"][TEACHER]
         if with_statistics:
             mean, std = self.statistics()
             params["normalizer"] = {"mean": jnp.asarray(mean), "scale": jnp.asarray(std)}
@@ -163,11 +193,12 @@ class MotionSetup:
         Wav2Vec2 loaded from a Hugging Face folder, which is read from ``model.audio_encoder.hf_path`` again
         (the stage does not export it).
 
-        ``components``: e.g. ``('style_encoder', 'normalizer')`` for the style stage; default all.
+        ``components``: e.g. ``('style_encoder', 'normalizer')`` for the style stage; default all but the
+        styling teacher (a training aid of style distillation).
         Raises ``CheckpointError`` if the file or a tensor is missing.
         """
         abstract = self.abstract_params(schema.SAMPLES_PER_FRAME * 4)
-        components = tuple(abstract) if components is None else components
+        components = tuple(c for c in abstract if c != TEACHER) if components is None else components
         path = motion_params_path(self.workdir)
         out = {}
         for c in components:

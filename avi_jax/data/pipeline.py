@@ -2,11 +2,16 @@
 
 ``make_dataset`` turns a random-access source of clip records (:func:`builder.open_split`, or any sequence
 of record dicts) into a ``grain.IterDataset`` of per-host batches. Order: each epoch the record indices are
-permuted with ``(seed, epoch)`` (when shuffling), the permutation is dealt round-robin to the hosts
-(``shard_index``/``shard_count``), every record becomes a fixed-shape example (random frame-aligned audio
-crop, random instruction, tokenized), and examples are batched. All per-example randomness comes from
-``np.random.default_rng((seed, epoch, record_index))``, and the iterator state is one integer, so a run that
-restores the iterator state continues with exactly the batches it would have produced.
+permuted with ``(seed, epoch)`` (when shuffling) and the epochs, one after the other, form one global stream
+that does not depend on the number of hosts; global batch k (B = per-host batch x ``shard_count``) is
+positions ``[k B, (k + 1) B)`` of it, and host ``shard_index`` reads its ``shard_index``-th block of
+per-host-batch rows, so the hosts' batches concatenated in process order (``sharding.shard_batch``) are the
+batches of a 1-process run row for row. Every record becomes a fixed-shape example (random frame-aligned audio
+crop, random instruction, optionally augmented (``augment``, see ``data/augment.py``), tokenized), and
+examples are batched. All per-example randomness comes from ``np.random.default_rng((seed, epoch,
+record_index))`` (the text augmentation's from ``(seed, epoch, record_index, augment.AUGMENT_STREAM)``, so
+turning it on or off changes no other draw), and the iterator state is one integer, so a run that restores
+the iterator state continues with exactly the batches it would have produced.
 
 Checkpointing the iterator with Orbax (grain 0.2.18, ``grain.checkpoint``)::
 
@@ -18,9 +23,9 @@ Checkpointing the iterator with Orbax (grain 0.2.18, ``grain.checkpoint``)::
                                                            data=grain.checkpoint.CheckpointRestore(it)))
     # `it` is restored in place (restored.data is it); each host writes/reads process_<i>-of-<n>.json.
 
-Padding (``drop_remainder=False``): each host's epoch is padded to a multiple of ``batch_size`` (and to the
-same number of batches on every host, so multi-host eval loops stay in step); padded rows repeat the
-host's first example with ``valid = False`` (so no row is degenerate), and must be ignored via ``valid``.
+Padding (``drop_remainder=False``): each epoch is padded to whole global batches (the same number of
+batches on every host, so multi-host eval loops stay in step); padded rows repeat the epoch's first example
+with ``valid = False`` (so no row is degenerate), and must be ignored via ``valid``.
 """
 from __future__ import annotations
 
@@ -28,11 +33,12 @@ import functools
 import math
 import sys
 import threading
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from avi_jax.data import schema
+from avi_jax.data.augment import AUGMENT_STREAM
 from avi_jax.errors import ConfigError
 
 LLM_KEYS = ("llm",)   # tokenizer names tokenized decoder-style: instruction tokens + EOS, no BOS
@@ -114,7 +120,7 @@ class ClipTransform:
     """
 
     def __init__(self, *, max_audio_samples: int, encoders: Mapping[str, TextEncoder], random_crop: bool,
-                 instruction_choice: str):
+                 instruction_choice: str, augment: Callable[[str, np.random.Generator], str] | None = None):
         if instruction_choice not in ("random", "first"):
             raise ConfigError(f"instruction_choice must be 'random' or 'first', got {instruction_choice!r}")
         if max_audio_samples < schema.SAMPLES_PER_FRAME:
@@ -124,8 +130,11 @@ class ClipTransform:
         self.encoders = dict(encoders)
         self.random_crop = random_crop
         self.instruction_choice = instruction_choice
+        self.augment = augment
 
-    def __call__(self, rec: Mapping[str, Any], rng: np.random.Generator, index: int, valid: bool) -> dict:
+    def __call__(self, rec: Mapping[str, Any], rng: np.random.Generator, index: int, valid: bool,
+                 augment_rng: np.random.Generator | None = None) -> dict:
+        """``augment_rng``: the text augmentation's generator (required when the transform augments)."""
         spf = schema.SAMPLES_PER_FRAME
         pcm = np.asarray(rec["audio"])
         audio_in = schema.from_pcm16(pcm) if pcm.dtype == np.int16 else pcm.astype(np.float32)
@@ -157,6 +166,8 @@ class ClipTransform:
             texts = [""]
         choice = int(rng.integers(len(texts))) if self.instruction_choice == "random" else 0
         text = _text(texts[choice])
+        if self.augment is not None:
+            text = self.augment(text, augment_rng)
         out = {
             "audio": audio, "audio_mask": audio_mask,
             "expression": expression, "jaw_pose": jaw, "coeff_mask": coeff_mask,
@@ -169,21 +180,25 @@ class ClipTransform:
 
 
 class _Stream:
-    """Position ``p`` in one host's example stream -> ``(epoch, record index, valid)``."""
+    """Position ``p`` in one host's example stream -> ``(epoch, record index, valid)``.
+
+    Host ``shard_index``'s batch k holds the global positions ``[k B + shard_index b, k B + (shard_index + 1) b)``
+    (b = ``batch_size`` per host, B = b x ``shard_count``); global position q is row ``q % L`` of epoch
+    ``q // L``, with L = n (``drop_remainder``) or n padded to whole global batches (rows >= n invalid).
+    """
 
     def __init__(self, n: int, *, seed: int, shuffle: bool, shard_index: int, shard_count: int,
                  batch_size: int, drop_remainder: bool):
         self.n, self.seed, self.shuffle = n, int(seed), shuffle
-        self.shard_index, self.shard_count = shard_index, shard_count
-        if drop_remainder:
-            self.real = n // shard_count             # every host: the same number of examples per epoch
-            self.per_epoch = self.real
-        else:
-            self.real = len(range(shard_index, n, shard_count))
-            longest = math.ceil(n / shard_count)
-            self.per_epoch = math.ceil(longest / batch_size) * batch_size
+        self.shard_index, self.batch_size = shard_index, batch_size
+        self.global_batch = batch_size * shard_count
+        self.epoch_length = n if drop_remainder else math.ceil(n / self.global_batch) * self.global_batch
         self._cache: dict[int, np.ndarray] = {}     # the last two epochs' permutations
         self._lock = threading.Lock()
+
+    def per_host(self, num_epochs: int) -> int:
+        """Examples each host reads in ``num_epochs`` epochs (whole global batches)."""
+        return num_epochs * self.epoch_length // self.global_batch * self.batch_size
 
     def _perm(self, epoch: int) -> np.ndarray:
         with self._lock:
@@ -195,12 +210,12 @@ class _Stream:
             return perm
 
     def __call__(self, p: int) -> tuple[int, int, bool]:
-        epoch, j = divmod(int(p), self.per_epoch)
-        valid = j < self.real
+        k, row = divmod(int(p), self.batch_size)
+        epoch, j = divmod(k * self.global_batch + self.shard_index * self.batch_size + row, self.epoch_length)
+        valid = j < self.n
         if not valid:
             j = 0
-        g = j * self.shard_count + self.shard_index
-        rec = int(self._perm(epoch)[g]) if self.shuffle else g
+        rec = int(self._perm(epoch)[j]) if self.shuffle else j
         return epoch, rec, valid
 
     def __getstate__(self):
@@ -217,7 +232,8 @@ def make_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int, seed: 
                  num_epochs: int | None, max_audio_samples: int, max_text_tokens: int | Mapping[str, int],
                  tokenizers: Mapping[str, Any], instruction_choice: str = "random",
                  shard_index: int | None = None, shard_count: int | None = None, drop_remainder: bool = True,
-                 read_threads: int = 4, prefetch_buffer_size: int = 64):
+                 read_threads: int = 4, prefetch_buffer_size: int = 64,
+                 augment: Callable[[str, np.random.Generator], str] | None = None):
     """Build the per-host batch stream of a clip split.
 
     Args:
@@ -235,13 +251,17 @@ def make_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int, seed: 
         (e.g. 'text') as the tokenizer does with ``add_special_tokens=True`` (BERT: ``[CLS] ... [SEP]``).
       instruction_choice: 'random' (one of the clip's instructions, from the per-example rng) or 'first'.
       shard_index, shard_count: this host's shard (default ``jax.process_index()`` / ``process_count()``);
-        each epoch's (permuted) records are dealt round-robin to the shards (disjoint; with
-        ``drop_remainder`` every shard gets ``len // shard_count`` examples per epoch).
+        the shards read disjoint blocks of each global batch (see the module docstring): together, every
+        record of every epoch once, and the same global batches as one shard of ``batch_size x
+        shard_count``.
       drop_remainder: True: the stream is cut into full batches (a partial last batch is dropped);
         False: each epoch is padded to whole batches (the same count on every host) with rows marked
         ``valid = False``.
       read_threads, prefetch_buffer_size: grain ``ReadOptions`` (threads reading/transforming examples and
         examples prefetched).
+      augment: ``(text, rng) -> text`` applied to each example's chosen instruction before tokenizing (e.g.
+        ``augment.Augmenter``; training only), with ``rng = default_rng((seed, epoch, record_index,
+        augment.AUGMENT_STREAM))``: a function of the example and the epoch, reproduced on resume.
 
     Returns:
       ``grain.IterDataset``; ``iter(ds)`` is a ``grain.DatasetIterator`` (``get_state()`` /
@@ -279,16 +299,17 @@ def make_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int, seed: 
         length = max_text_tokens[name] if isinstance(max_text_tokens, Mapping) else max_text_tokens
         encoders[name] = TextEncoder(tok, int(length), "decoder" if name in LLM_KEYS else "encoder")
     transform = ClipTransform(max_audio_samples=max_audio_samples, encoders=encoders, random_crop=shuffle,
-                              instruction_choice=instruction_choice)
+                              instruction_choice=instruction_choice, augment=augment)
     stream = _Stream(n, seed=seed, shuffle=shuffle, shard_index=shard_index, shard_count=shard_count,
                      batch_size=batch_size, drop_remainder=drop_remainder)
-    total = sys.maxsize if num_epochs is None else num_epochs * stream.per_epoch
+    total = sys.maxsize if num_epochs is None else stream.per_host(num_epochs)
     seed_ = int(seed)
 
     def load(p: int) -> dict:
         epoch, rec_index, valid = stream(p)
         rng = np.random.default_rng((seed_, epoch, rec_index))
-        return transform(source[rec_index], rng, rec_index, valid)
+        aug_rng = np.random.default_rng((seed_, epoch, rec_index, AUGMENT_STREAM)) if augment else None
+        return transform(source[rec_index], rng, rec_index, valid, aug_rng)
 
     ds = grain.MapDataset.range(total).map(load)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
@@ -298,6 +319,7 @@ def make_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int, seed: 
 def num_batches(source_len: int, *, batch_size: int, shard_count: int, drop_remainder: bool,
                 num_epochs: int = 1) -> int:
     """Batches per host that :func:`make_dataset` yields for ``num_epochs`` epochs of ``source_len`` records."""
+    global_batch = batch_size * shard_count
     if drop_remainder:
-        return (num_epochs * (source_len // shard_count)) // batch_size
-    return num_epochs * math.ceil(math.ceil(source_len / shard_count) / batch_size)
+        return num_epochs * source_len // global_batch
+    return num_epochs * math.ceil(source_len / global_batch)

@@ -20,6 +20,7 @@ from avi_jax.errors import InputError
 from avi_jax.inference.windows import Window, blend, bucket_frames, plan_windows
 
 MIN_SECONDS = 0.5
+NO_INSTRUCTION = "(no instruction: the w/o LLM system samples the style from the audio)"
 SILENCE = 1e-4    # peak amplitude below which a recording counts as silent
 
 
@@ -50,11 +51,13 @@ class Options:
 @dataclasses.dataclass
 class Result:
     """One clip's sample: motion (T, 53) float32 = expression (50) ++ jaw_pose (3, axis-angle radians);
-    instructions [(start_s, end_s, text)] per window; the sample index and seed."""
+    instructions [(start_s, end_s, text)] per window; the sample index and seed; style (W, D) float32: the
+    style embedding that drove each window (the paper's Diversity is measured on these)."""
     motion: np.ndarray
     instructions: list[tuple[float, float, str]]
     sample: int
     seed: int
+    style: np.ndarray | None = None
 
     @property
     def instruction(self) -> str:
@@ -126,14 +129,25 @@ def synthesize(face, clips: Sequence[np.ndarray], options: Options) -> list[list
         pairs = [_padded(clips[c], plans[c][j], f) for f, c, j in part]
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
+    audio_conditioned = getattr(face, "audio_conditioned", False)     # the "w/o LLM" system (Table 1)
+    if options.instruction is not None and audio_conditioned:
+        raise InputError("--instruction: this system's style prior is conditioned on the audio (trained with "
+                         "model.prior.overrides.condition='audio', the paper's w/o LLM system); it takes no "
+                         "instruction")
     if options.instruction is not None:
         texts = [options.instruction] * len(rows)
+    elif audio_conditioned:
+        texts = [NO_INSTRUCTION] * len(rows)
     else:
         texts = _batched(rows, options, lambda part: face.instructions(*audio_batch(part)))
     k = int(options.num_samples)
     if options.reference_motion is not None:
         ref = face.reference_style(options.reference_motion)
         styles = np.broadcast_to(ref, (len(rows), k, ref.shape[-1]))
+    elif audio_conditioned:
+        base = jax.random.key(int(options.seed))      # every window's K styles from key(seed), as below
+        styles = np.stack(_batched(rows, options, lambda part: list(face.audio_styles(
+            *audio_batch(part), jnp.stack([base] * len(part)), k))))
     else:
         base = jax.random.key(int(options.seed))
         distinct = sorted(set(texts))          # the same instruction gives the same styles
@@ -157,6 +171,7 @@ def synthesize(face, clips: Sequence[np.ndarray], options: Options) -> list[list
         per_sample = []
         for s in range(k):
             outs = [motions[(c, j, s)][:w.stop - w.start] for j, w in enumerate(plan)]
-            per_sample.append(Result(blend(plan, outs, t), spans, s, int(options.seed)))
+            style = np.stack([styles[index[(c, j)], s] for j in range(len(plan))]).astype(np.float32)
+            per_sample.append(Result(blend(plan, outs, t), spans, s, int(options.seed), style))
         results.append(per_sample)
     return results

@@ -65,8 +65,11 @@ def flame_path(flame_model: str | None, workdir: str | None, variant: str, confi
 class TalkingFace:
     """The trained models, with jitted, batched calls:
 
-    * ``instructions(audio (B, N), mask (B, N))`` -> B visual instructions (greedy LLM decoding);
+    * ``instructions(audio (B, N), mask (B, N))`` -> B visual instructions (``InstructSetup.describe``: greedy
+      LLM decoding, or the Q-Former's own decoder in the "w/o LLaMA" ablation, ``model.decoder='qformer'``);
     * ``styles(texts, keys, k)`` -> (len(texts), k, D) style embeddings (aligner + diffusion prior);
+    * ``audio_styles(audio (B, N), mask (B, N), keys, k)`` -> (B, k, D) for a style prior conditioned on the
+      audio (``audio_conditioned``: paper Table 1's "w/o LLM" system; stage 1's LLM is never loaded);
     * ``reference_style(motion (S, 53))`` -> (D,) style of a reference clip (the motion prior's encoder);
     * ``motion(audio (B, N), mask (B, N), style (B, D))`` -> (B, N // 640, 53) expression ++ jaw_pose.
 
@@ -119,6 +122,14 @@ class TalkingFace:
 
     def styles(self, texts: list[str], keys: jax.Array, num_samples: int) -> np.ndarray:
         return self.style.sample(self.style_params, texts, keys, num_samples=num_samples)
+
+    @property
+    def audio_conditioned(self) -> bool:
+        """Whether the style prior takes the audio (``condition='audio'``, no LLM) instead of instructions."""
+        return self.style.audio is not None
+
+    def audio_styles(self, audio: np.ndarray, mask: np.ndarray, keys: jax.Array, num_samples: int) -> np.ndarray:
+        return self.style.sample_audio(self.style_params, audio, mask, keys, num_samples=num_samples)
 
     def reference_style(self, motion: np.ndarray, source: str = "reference") -> np.ndarray:
         """Style embedding (D,) float32 of reference motion (S, 53) (its first ``max_style_frames``)."""

@@ -21,9 +21,14 @@ to as keys, and get zero pooling weight, so ``StyleEncoder`` output is *exactly*
 values (``tests/test_motion.py`` checks it). The training stage uses this to keep the frames being
 predicted out of the style encoder (see ``avi_jax.training.motion.split_target``).
 
+Style distillation (paper Sec. IV-A-2: "leverage the linear styling network from EMOTE as a teacher network
+for knowledge distillation"): with ``style_teacher`` the model also holds ``StylingTeacher``, EMOTE's linear
+styling network (one-hot emotion ++ one-hot intensity -> Dense -> style embedding), whose embedding the
+style encoder's is pulled towards (``avi_jax.training.motion``).
+
 Parameters are a dict of components ``audio_encoder``, ``content_encoder``, ``style_encoder``,
-``generator`` and ``normalizer``; the authors' released stage-2 code is StyleTalk/EMOTE-like and is the
-model for the layout (our own implementation).
+``generator``, ``normalizer`` (and ``style_teacher``); the authors' released stage-2 code is
+StyleTalk/EMOTE-like and is the model for the layout (our own implementation).
 """
 from __future__ import annotations
 
@@ -64,6 +69,9 @@ class MotionConfig:
       max_style_frames: the most reference frames S the style encoder accepts (256).
       gen_dim, gen_layers, gen_heads, gen_mlp: talking generator transformer.
       dropout: dropout rate in the trainable transformers and conv blocks (train mode only).
+      style_teacher: add the ``StylingTeacher`` component (style distillation).
+      num_emotions, num_intensities: the teacher's one-hot sizes (the records' emotion indices 0..8 and
+        intensity levels 0 (unknown)..3; ``avi_jax.data.schema``).
     """
     audio: AudioEncoderConfig
     feature_layer: int = -1
@@ -82,6 +90,9 @@ class MotionConfig:
     gen_heads: int = 8
     gen_mlp: int = 1024
     dropout: float = 0.1
+    style_teacher: bool = False
+    num_emotions: int = 9
+    num_intensities: int = 4
 
     def __post_init__(self):
         for name, dim, heads in (("style", self.style_dim, self.style_heads),
@@ -210,6 +221,22 @@ class StyleEncoder(nn.Module):
         return layers.Dense(cfg.style_embed_dim, ("embed", None), name="out")(pooled)
 
 
+class StylingTeacher(nn.Module):
+    """EMOTE's linear styling network (Danecek et al., SIGGRAPH Asia 2023, Sec. 3.3: the style code is a
+    linear layer over one-hot condition vectors) as the style encoder's teacher (paper Sec. IV-A-2):
+    ``Dense(one_hot(emotion, num_emotions) ++ one_hot(intensity, num_intensities))`` -> (B,
+    style_embed_dim) float32. ``emotion`` (B,) int (-1 = unknown gives an all-zero emotion part: such rows
+    must be masked out by the caller), ``intensity`` (B,) int (0 = unknown)."""
+    config: MotionConfig
+
+    @nn.compact
+    def __call__(self, emotion: jax.Array, intensity: jax.Array) -> jax.Array:
+        cfg = self.config
+        code = jnp.concatenate([jax.nn.one_hot(emotion, cfg.num_emotions, dtype=jnp.float32),
+                                jax.nn.one_hot(intensity, cfg.num_intensities, dtype=jnp.float32)], -1)
+        return layers.Dense(cfg.style_embed_dim, (None, "embed"), name="linear")(code)
+
+
 class TalkingGenerator(nn.Module):
     """Content (B, F, content_dim) + style (B, style_embed_dim) + frame mask (B, F) -> normalised motion
     (B, F, motion_dim). Non-causal transformer over the frames; the style embedding, projected to the
@@ -254,6 +281,7 @@ class MotionPrior(nn.Module):
       ``content(audio, audio_mask)`` -> content (B, F, content_dim), frame_mask (B, F).
       ``style(ref_motion, ref_mask)`` -> (B, style_embed_dim).
       ``generate(content, frame_mask, style)`` -> motion (B, F, 53), raw units.
+      ``teacher_style(emotion, intensity)`` -> (B, style_embed_dim) (with ``style_teacher``).
     """
     config: MotionConfig
 
@@ -264,6 +292,8 @@ class MotionPrior(nn.Module):
         self.style_encoder = StyleEncoder(cfg)
         self.generator = TalkingGenerator(cfg)
         self.normalizer = Normalizer(cfg.motion_dim)
+        if cfg.style_teacher:
+            self.style_teacher = StylingTeacher(cfg)
 
     def audio_features(self, audio: jax.Array, audio_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(B, N) float32 16 kHz waveform + (B, N) bool -> features (B, T, H) at 50 Hz, mask (B, T).
@@ -299,6 +329,10 @@ class MotionPrior(nn.Module):
     def style(self, ref_motion: jax.Array, ref_mask: jax.Array, deterministic: bool = True) -> jax.Array:
         """Style embedding (B, style_embed_dim) of reference motion (B, S, 53) raw units, mask (B, S)."""
         return self.style_encoder(self.normalize(ref_motion), ref_mask, deterministic)
+
+    def teacher_style(self, emotion: jax.Array, intensity: jax.Array) -> jax.Array:
+        """The styling teacher's embedding (B, style_embed_dim) of labels (B,) (needs ``style_teacher``)."""
+        return self.style_teacher(emotion, intensity)
 
     def generate(self, content: jax.Array, frame_mask: jax.Array, style: jax.Array,
                  deterministic: bool = True) -> jax.Array:

@@ -36,6 +36,9 @@ from avi_jax.errors import ConfigError, InputError
 from avi_jax.models import diffusion, layers
 
 
+CONDITIONS = ("instruction", "audio")
+
+
 @dataclasses.dataclass(frozen=True)
 class StylePriorConfig:
     """Hyper-parameters of the instruction aligner and the diffusion prior (defaults: paper scale).
@@ -53,6 +56,11 @@ class StylePriorConfig:
       num_timesteps, schedule: diffusion steps (100) and noise schedule ('cosine' or 'linear').
       temperature_init: initial InfoNCE temperature of Eq. 7 (learnable; BLIP-2 style 0.07).
       no_diffusion: the ablation without prior: the aligner output is the style embedding.
+      no_contrastive: the "w/o Cont Align" ablation (Table 4): no InfoNCE of Eq. 7, so no temperature
+        parameter; the aligner is trained through the diffusion loss alone.
+      condition: what the aligner embeds: 'instruction' (the text encoder's sentence embedding, the paper's
+        system) or 'audio' (Table 1's "w/o LLM": the Q-Former's aligned audio embedding of stage 1a,
+        ``text_dim`` = its width).
       layer_norm_eps: LayerNorm epsilon.
     """
     text_dim: int = 768
@@ -71,6 +79,8 @@ class StylePriorConfig:
     schedule: str = "cosine"
     temperature_init: float = 0.07
     no_diffusion: bool = False
+    no_contrastive: bool = False
+    condition: str = "instruction"
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self):
@@ -84,6 +94,8 @@ class StylePriorConfig:
             raise ConfigError(f"StylePriorConfig.cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
         if self.schedule not in diffusion.SCHEDULES:
             raise ConfigError(f"StylePriorConfig.schedule {self.schedule!r} not in {diffusion.SCHEDULES}")
+        if self.condition not in CONDITIONS:
+            raise ConfigError(f"StylePriorConfig.condition must be one of {CONDITIONS}, got {self.condition!r}")
         if self.temperature_init <= 0:
             raise ConfigError(f"StylePriorConfig.temperature_init must be > 0, got {self.temperature_init}")
 
@@ -135,7 +147,8 @@ class InstructionAligner(nn.Module):
 
     ``in_proj`` (text_dim -> aligner_hidden), ``aligner_blocks`` residual blocks ``blocks_{i}``
     (``h + Dropout(Dense(GELU(Dense(LN(h)))))``), then ``out_norm`` + ``out`` (-> style_dim). Also owns the
-    learnable InfoNCE temperature ``temp`` (read with ``method=InstructionAligner.temperature``).
+    learnable InfoNCE temperature ``temp`` (read with ``method=InstructionAligner.temperature``), except
+    with ``no_contrastive``.
     """
     config: StylePriorConfig
 
@@ -144,8 +157,9 @@ class InstructionAligner(nn.Module):
         c = self.config
         if text.ndim != 2 or text.shape[-1] != c.text_dim:
             raise InputError(f"InstructionAligner expects text features (B, {c.text_dim}), got {text.shape}")
-        self.param("temp", nn.with_logical_partitioning(
-            nn.initializers.constant(c.temperature_init), ()), ())
+        if not c.no_contrastive:
+            self.param("temp", nn.with_logical_partitioning(
+                nn.initializers.constant(c.temperature_init), ()), ())
         h = layers.Dense(c.aligner_hidden, (None, "embed"), name="in_proj")(text.astype(jnp.float32))
         for i in range(c.aligner_blocks):
             y = layers.LayerNorm(c.layer_norm_eps, name=f"blocks_{i}_norm")(h)
@@ -275,6 +289,6 @@ def sample_style(config: StylePriorConfig, params: dict, text: jax.Array, rng: j
     return denormalize_style(norm, z)
 
 
-__all__ = ["StylePriorConfig", "paper", "demo", "tiny", "timestep_embedding", "InstructionAligner",
+__all__ = ["CONDITIONS", "StylePriorConfig", "paper", "demo", "tiny", "timestep_embedding", "InstructionAligner",
            "DiffusionPrior", "style_norm_params", "normalize_style", "denormalize_style",
            "guided_denoiser", "sample_style"]

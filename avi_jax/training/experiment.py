@@ -85,7 +85,8 @@ STAGE_CONFIG = "config.json"          # <workdir>/<stage>/config.json: the famil
 NON_DEFINING = ("stages", "mesh", "logical_axis_rules", "checkpoint", "profile", "generation", "sampler",
                 "eval", "data.max_eval_clips")
 NON_DEFINING_IN_STAGE = ("log_every", "eval_every")
-_PATH_KEYS = ("hf_path", "llm_path", "text_path", "model_path", "masks_path", "dir", "motion_workdir")
+_PATH_KEYS = ("hf_path", "llm_path", "text_path", "model_path", "masks_path", "dir", "motion_workdir",
+              "instruct_workdir", "teacher_path")
 
 
 def family_stages(family: str) -> list[str]:

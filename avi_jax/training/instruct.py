@@ -20,6 +20,7 @@ from avi_jax.assembly.instruct import InstructSetup, tune_trainable
 from avi_jax.data import builder, instructions, pipeline, schema
 from avi_jax.metrics.retrieval import retrieval_metrics
 from avi_jax.models.instructor import Instructor
+from avi_jax.models.qformer_lm import QFormerInstructor
 from avi_jax.training import losses
 from avi_jax.training.stage import Stage
 
@@ -166,32 +167,49 @@ class AlignStage(_InstructStage):
                 "retrieval_chance": m["retrieval_chance"], "retrieval_queries": m["num_queries"]}
 
 
+def _caption_loss(stage: _InstructStage, params, batch, rng=None):
+    """Stage 1 "w/o LLaMA": the Q-Former's audio-grounded text generation loss (BLIP-2 ITG, LAVIS
+    ``loss_lm``): next-token cross-entropy over the text after its start token ([CLS] ... [SEP]); unlike
+    LAVIS (label smoothing 0.1) without smoothing, like the LLM path's loss."""
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    logits = stage.model.apply({"params": params}, batch["audio"], batch["audio_mask"], ids, mask,
+                               rng is None, method=QFormerInstructor.caption_logits,
+                               rngs={"dropout": rng} if rng is not None else {})
+    weights = mask[:, 1:] & batch["valid"][:, None]
+    return losses.lm_cross_entropy(logits[:, :-1], ids[:, 1:], weights)
+
+
 class TuneStage(_InstructStage):
-    """Stage 1b: train the projection that turns audio tokens into a soft prompt for the frozen LLM."""
+    """Stage 1b: train the projection that turns audio tokens into a soft prompt for the frozen LLM; with
+    ``model.decoder='qformer'`` ("w/o LLaMA"), the Q-Former's own text generation instead."""
     name = "tune"
-    tokenizers = ("llm",)
+
+    @property
+    def tokenizers(self):
+        return ("text",) if self.setup.decoder == "qformer" else ("llm",)
 
     @property
     def trainable(self):
         return tune_trainable(self.config)
 
     def model_init(self, rng, batch):
-        b = batch["audio"].shape[0]
-        t_ids, t_mask = self.setup.fixed_templates(b)
-        return self.model.init(rng, batch["audio"], batch["audio_mask"], t_ids, t_mask,
-                               jnp.zeros(batch["llm_ids"].shape, jnp.int32),
-                               jnp.ones(batch["llm_mask"].shape, bool), method=Instructor.init_tune)["params"]
+        key = "text_ids" if self.setup.decoder == "qformer" else "llm_ids"
+        return self.setup.init_tune(rng, batch["audio"], batch["audio_mask"], batch[key].shape[1])["params"]
 
-    def _loss(self, params, batch, templates):
+    def _loss(self, params, batch, templates, rng=None):
+        if self.setup.decoder == "qformer":
+            return _caption_loss(self, params, batch, rng)
         soft = self.apply(params, batch["audio"], batch["audio_mask"], method=Instructor.soft_prompt)
         return _lm_loss(self, params, batch, soft, *templates)
 
     def loss(self, params, batch, rng):
-        return self._loss(params, batch, self.setup.random_templates(rng, batch["audio"].shape[0]))
+        return self._loss(params, batch, self.setup.random_templates(rng, batch["audio"].shape[0]),
+                          jax.random.fold_in(rng, 1))
 
     def evaluate(self, params, mesh):
         gen = self.config.generation
-        tok = self.setup.tokenizers["llm"]
+        kind = self.tokenizers[0]                   # the targets' tokenizer: 'llm', or 'text' (w/o LLaMA)
+        tok = self.setup.tokenizers[kind]
         loss_fn = self.cached("eval", lambda: jax.jit(
             lambda p, b: self._loss(p, b, self.setup.fixed_templates(b["audio"].shape[0]))[1]))
         totals = np.zeros(3)
@@ -201,8 +219,8 @@ class TuneStage(_InstructStage):
             n = float(m["num_tokens"])
             totals += [float(m["loss"]) * n, float(m["accuracy"]) * n, n]
             texts = self.setup.describe(params, batch["audio"], batch["audio_mask"])
-            for text, emo, ok, ids, mask in zip(texts, host["emotion"], host["valid"], host["llm_ids"],
-                                                host["llm_mask"]):
+            for text, emo, ok, ids, mask in zip(texts, host["emotion"], host["valid"], host[f"{kind}_ids"],
+                                                host[f"{kind}_mask"]):
                 if ok:
                     samples.append({"generated": text,   # emotion -1 = unknown (manifest clips)
                                     "emotion": schema.EMOTIONS[int(emo)] if emo >= 0 else None,

@@ -22,6 +22,15 @@ normalised by the training statistics, i.e. per-coefficient errors in standard d
 jaw averaged separately and weighted), a velocity term (the same on first differences over consecutive
 target frames) and, with ``config.flame.model_path``, a vertex term (mean squared vertex distance in mm²
 over all vertices plus ``lip_weight`` times the same over the lip region).
+
+Style distillation (paper Sec. IV-A-2, after EMOTE's linear styling network), with ``motion.distill.weight``
+w > 0: the ``style_teacher`` (``models.motion.StylingTeacher``: one-hot emotion ++ one-hot intensity ->
+linear -> style embedding) is trained in the same stage as EMOTE trains its styling code, i.e. the generator
+also reconstructs the target frames from the teacher's embedding (``teacher_loss``, the same terms), and
+the style encoder's embedding of the reference frames is pulled towards the teacher's by
+``w * distill`` (``distillation_loss``; clips without an emotion label are left out of both). With
+``motion.distill.teacher_path`` the teacher is a user's trained one, loaded frozen (no teacher_loss).
+w = 0: no teacher, no term.
 """
 from __future__ import annotations
 
@@ -32,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from avi_jax import sharding as mesh_lib
-from avi_jax.assembly.motion import STAGE, MotionSetup, target_motion
+from avi_jax.assembly.common import INIT
+from avi_jax.assembly.motion import STAGE, TEACHER, MotionSetup, distill_weight, target_motion
 from avi_jax.data import schema
 from avi_jax.errors import ConfigError
 from avi_jax.metrics.correlation import pearson
@@ -131,6 +141,16 @@ def coefficient_losses(pred: jax.Array, target: jax.Array, mask: jax.Array, scal
             "velocity": exp_weight * v_exp + jaw_weight * v_jaw}
 
 
+def distillation_loss(student: jax.Array, teacher: jax.Array, mask: jax.Array) -> jax.Array:
+    """Style distillation (paper Sec. IV-A-2): mean squared error between the style encoder's embeddings
+    ``student`` (B, D) and the styling teacher's ``teacher`` (B, D) (gradient stopped: the teacher is not
+    pulled towards the student), averaged over dimensions and the rows of ``mask`` (B,) bool (labelled
+    clips with target frames). Scalar float32; 0 when no row counts."""
+    err = jnp.mean(jnp.square(student - jax.lax.stop_gradient(teacher)), axis=-1)
+    m = mask.astype(err.dtype)
+    return jnp.sum(err * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
 def vertex_losses(flame: Any, pred: jax.Array, target: jax.Array, mask: jax.Array,
                   lip_indices: jax.Array | None) -> dict[str, jax.Array]:
     """Mean squared vertex distance (mm²) over masked frames: ``vertex`` over all FLAME vertices and
@@ -160,6 +180,8 @@ class MotionStage(Stage):
     @property
     def trainable(self) -> tuple[str, ...]:
         extra = ("audio_encoder",) if self.config.model.audio_encoder.finetune else ()
+        if self.setup.model_config.style_teacher and self.source(TEACHER) == INIT:
+            extra += (TEACHER,)
         return ("content_encoder", "style_encoder", "generator") + extra
 
     def train_dataset(self):
@@ -174,12 +196,36 @@ class MotionStage(Stage):
         return self.setup.init_params(rng, batch)
 
     def loss(self, params, batch, rng):
-        sc, lc = self.config.motion, self.config.loss
+        sc = self.config.motion
         split_rng, drop_rng = jax.random.split(rng)
         motion, mask = target_motion(batch)
         target, reference = split_target(split_rng, mask, float(sc.target_fraction), int(sc.exclusion_margin))
-        pred = self.model.apply({"params": params}, batch["audio"], batch["audio_mask"], motion, reference,
-                                False, rngs={"dropout": drop_rng})
+        v, rngs = {"params": params}, {"dropout": drop_rng}
+        content, frame_mask = self.model.apply(v, batch["audio"], batch["audio_mask"], False, rngs=rngs,
+                                               method=MotionPrior.content)
+        style = self.model.apply(v, motion, reference, False, rngs=rngs, method=MotionPrior.style)
+        loss, terms = self._reconstruction(params, content, frame_mask, style, motion, target, rngs)
+        weight = distill_weight(self.config)
+        if weight > 0:
+            known = (batch["emotion"] >= 0) & target.any(-1)
+            teacher = self.model.apply(v, batch["emotion"], batch["intensity"], method=MotionPrior.teacher_style)
+            terms["distill"] = distillation_loss(style, teacher, known)
+            loss = loss + weight * terms["distill"]
+            if TEACHER in self.trainable:     # EMOTE: the teacher is learned as the generator's style code
+                t_loss, _ = self._reconstruction(params, content, frame_mask, teacher, motion,
+                                                 target & known[:, None],
+                                                 {"dropout": jax.random.fold_in(drop_rng, 1)})
+                terms["teacher_loss"] = t_loss
+                loss = loss + t_loss
+        terms["target_frames"] = jnp.sum(target).astype(jnp.float32)
+        return loss, terms
+
+    def _reconstruction(self, params, content, frame_mask, style, motion, target, rngs):
+        """(loss, terms): the coefficient, velocity and (with FLAME) vertex terms of the motion generated
+        from ``content`` and ``style`` on the ``target`` frames."""
+        lc = self.config.loss
+        pred = self.model.apply({"params": params}, content, frame_mask, style, False, rngs=rngs,
+                                method=MotionPrior.generate)
         terms = coefficient_losses(pred, motion, target, params["normalizer"]["scale"], kind=lc.kind,
                                    exp_weight=float(lc.exp_weight), jaw_weight=float(lc.jaw_weight))
         loss = terms["reconstruction"] + float(lc.velocity_weight) * terms["velocity"]
@@ -187,7 +233,6 @@ class MotionStage(Stage):
             v = vertex_losses(self.setup.flame, pred, motion, target, self.setup.lip_indices)
             terms.update(v)
             loss = loss + float(lc.vertex_weight) * (v["vertex"] + float(lc.lip_weight) * v["lip_vertex"])
-        terms["target_frames"] = jnp.sum(target).astype(jnp.float32)
         return loss, terms
 
     def _predict(self, params, batch):
