@@ -116,11 +116,13 @@ def test_teacher_from_a_file_is_frozen(tmp_path):
         missing.load_component("style_teacher", params["style_teacher"], None)
 
 
-def test_on_by_default_and_absent_from_older_configs():
-    """Paper-like default (the paper distils); a config without the field (an older run's config.json)
-    builds the model without a teacher."""
-    for variant in ("paper", "demo", "tiny"):
+def test_on_by_default_off_in_the_demo_and_absent_from_older_configs():
+    """Paper-like default (the paper distils; off in the demo, whose speakers' expression offsets an
+    emotion/intensity code cannot carry); a config without the field (an older run's config.json) builds the
+    model without a teacher."""
+    for variant in ("paper", "tiny"):
         assert motion_prior.get_config(variant).motion.distill.weight == 1.0
+    assert motion_prior.get_config("demo").motion.distill.weight == 0.0
     assert A.motion_model_config(motion_prior.get_config("tiny")).style_teacher
     old = motion_prior.get_config("tiny")
     del old.motion["distill"]

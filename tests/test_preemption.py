@@ -201,7 +201,7 @@ def test_no_intact_checkpoint_is_one_clear_error(crashed, tmp_path, data_dir):
     for step in ("1", "2", "4"):
         _remove_manifest(os.path.join(workdir, "lm", "checkpoints", step))
     with pytest.raises(CheckpointError, match=r"lm/checkpoints: no intact checkpoint \(steps \[4, 2, 1\] all "
-                                              r"failed to restore; the last: .*does not exist"):
+                                              r"failed to restore; the last: .*manifest.ocdbt: missing"):
         train_and_evaluate(_config(data_dir, 2), workdir)
     # nothing was moved or trained
     assert sorted(os.listdir(os.path.join(workdir, "lm", "checkpoints"))) == ["1", "2", "4"]
