@@ -152,8 +152,17 @@ def test_align_precomputes_a_frozen_text_encoder(tmp_path, data_dir):
         assert cached["text_feature"].shape == (batch["text_ids"].shape[0], width)
         rng = jax.random.key(1)
         with_cache, without = stage.loss(params, cached, rng)[0], stage.loss(params, batch, rng)[0]
+        # a text outside the training set (as an augmented one) is encoded for its batch and not kept
+        size = len(stage._text_cache)
+        odd, ids, valid = dict(batch), batch["text_ids"].copy(), batch["text_mask"][0].astype(bool)
+        ids[0, valid] = ids[0, valid][::-1]
+        odd["text_ids"] = ids
+        assert tuple(ids[0, valid]) not in stage._text_cache
+        odd_cached = stage.host_batch(odd)
+        odd_with, odd_without = stage.loss(params, odd_cached, rng)[0], stage.loss(params, odd, rng)[0]
     np.testing.assert_allclose(float(with_cache), float(without), rtol=1e-6)
-    assert len(stage._text_cache) >= len(set(map(tuple, batch["text_ids"])))
+    np.testing.assert_allclose(float(odd_with), float(odd_without), rtol=1e-6)
+    assert len(stage._text_cache) == size
 
 
 def test_demo_config_uses_pretrained_text_and_trains_its_speech_encoder():

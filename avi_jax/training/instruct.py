@@ -112,31 +112,34 @@ class AlignStage(_InstructStage):
                                       "encoder")     # the tokenization of the training pipeline
         texts = sorted(set(common.instruction_texts(
             builder.open_split(self.setup.data_path, self.config.data.train_split))))
-        self._text_cache = {}
-        self._cache_texts([encode(t) for t in texts])
+        encoded = [encode(t) for t in texts]
+        self._text_cache = {tuple(i[m]): f for (i, m), f in zip(encoded, self._text_features(encoded))}
         logging.info("align: precomputed frozen text-encoder features of %d instructions", len(texts))
 
-    def _cache_texts(self, encoded: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    def _text_features(self, encoded: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Frozen text-encoder features (float32) of encoded texts ``(ids, mask)``, in fixed-size chunks."""
         fn = self.cached("text_feature", lambda: jax.jit(lambda p, i, m: self.apply(
             p, i, m, method=Instructor.text_feature)))
         chunk = int(self.config.align.batch_size)
+        out = []
         for start in range(0, len(encoded), chunk):
             part = encoded[start:start + chunk]
             ids = np.stack([e[0] for e in part] + [part[0][0]] * (chunk - len(part)))   # fixed shape
             mask = np.stack([e[1] for e in part] + [part[0][1]] * (chunk - len(part)))
-            feats = mesh_lib.to_host(fn(self._text_params, ids, mask))
-            for (i, m), f in zip(part, feats):
-                self._text_cache[tuple(i[m])] = f.astype(np.float32)
+            out += list(mesh_lib.to_host(fn(self._text_params, ids, mask))[:len(part)].astype(np.float32))
+        return out
 
     def host_batch(self, batch):
+        """Adds ``text_feature``: the precomputed features of the training instructions; a text outside that
+        set (an augmented one, ``data.augment``) is encoded for this batch only and not kept, so the cache
+        stays the size of the training set."""
         if self._text_cache is None:
             return batch
         keys = [tuple(i[m]) for i, m in zip(batch["text_ids"], batch["text_mask"])]
-        missing = [(i, m) for k, i, m in zip(keys, batch["text_ids"], batch["text_mask"])
-                   if k not in self._text_cache]
-        if missing:     # not a training instruction (cannot happen with the stage's own dataset)
-            self._cache_texts(missing)
-        return {**batch, "text_feature": np.stack([self._text_cache[k] for k in keys])}
+        missing = {k: (i, m) for k, i, m in zip(keys, batch["text_ids"], batch["text_mask"])
+                   if k not in self._text_cache}
+        extra = dict(zip(missing, self._text_features(list(missing.values())))) if missing else {}
+        return {**batch, "text_feature": np.stack([self._text_cache.get(k, extra.get(k)) for k in keys])}
 
     def loss(self, params, batch, rng):
         audio_emb, text_emb, temp = self.model.apply(
