@@ -1,6 +1,7 @@
 """Audio loading, the instruction language and the demo tokenizer."""
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -143,3 +144,15 @@ def test_load_tokenizer_missing(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no tokenizer file"):
         tok_lib.load_tokenizer(tmp_path / "empty")
+
+
+def test_tokenizer_folder_appears_complete_and_a_second_writer_keeps_it(tmp_path):
+    """As the processes of a multi-host run do: a second training into the same folder keeps the complete
+    one there, and no temporary folder is left behind."""
+    texts = ["a happy man speaks.", "a sad woman speaks."]
+    first = tok_lib.train_word_tokenizer(texts, tmp_path / "tok", vocab_size=100)
+    stamp = os.path.getmtime(tmp_path / "tok" / "tokenizer.json")
+    second = tok_lib.train_word_tokenizer(texts, tmp_path / "tok", vocab_size=100)
+    assert os.path.getmtime(tmp_path / "tok" / "tokenizer.json") == stamp
+    assert second.get_vocab() == first.get_vocab()
+    assert sorted(os.listdir(tmp_path)) == ["tok"]

@@ -9,6 +9,7 @@ wraps a single text as ``[CLS] ... [SEP]``). Special-token ids: ``<pad>`` 0, ``<
 from __future__ import annotations
 
 import os
+import shutil
 import string
 from typing import Iterable
 
@@ -51,7 +52,8 @@ def train_word_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab
     still encoded (character fallback, no ``<unk>``). Special tokens: ``<pad>`` 0, ``<s>`` 1 (BOS),
     ``</s>`` 2 (EOS), ``<unk>`` 3, ``[CLS]`` 4, ``[SEP]`` 5, ``[MASK]`` 6; encoding with
     ``add_special_tokens=True`` gives ``[CLS] ... [SEP]`` (BERT style). The folder (``tokenizer.json`` +
-    ``tokenizer_config.json``...) loads with :func:`load_tokenizer`. Returns the loaded transformers tokenizer.
+    ``tokenizer_config.json``...) appears complete or not at all (a folder already complete there is kept)
+    and loads with :func:`load_tokenizer`. Returns the loaded transformers tokenizer.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -74,7 +76,17 @@ def train_word_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", padding_side="right",
         model_max_length=512)
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    fast.save_pretrained(out_dir)
+    # Written to a temporary folder and renamed, so that a folder that exists is complete: the processes of
+    # a multi-host run may all train it (deterministically, the same tokenizer); the first rename wins.
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    fast.save_pretrained(tmp)
+    try:
+        os.rename(tmp, out_dir)        # replaces an empty folder; fails on a complete one
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isfile(os.path.join(out_dir, "tokenizer.json")):
+            raise
     return load_tokenizer(out_dir)
