@@ -21,6 +21,21 @@ def _inputs(seed=0, b=B, t=T, e=E, w=W):
     return audio, mask, text
 
 
+
+def _assert_matches_blip2(hf, query_tokens, audio, mask, ours):
+    """``ours`` equals transformers' ``Blip2QFormerModel`` ``hf`` on the same queries and audio (rel. 1e-4);
+    returns the reference output."""
+    import torch
+    query = np.broadcast_to(np.asarray(query_tokens)[None], (np.shape(audio)[0],) + np.shape(query_tokens))
+    with torch.no_grad():
+        ref = hf(query_embeds=torch.from_numpy(np.ascontiguousarray(query)),
+                 encoder_hidden_states=torch.from_numpy(np.array(audio)),
+                 encoder_attention_mask=torch.from_numpy(np.asarray(mask).astype(np.int64))
+                 ).last_hidden_state.numpy()
+    rel = np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
+    assert rel <= 1e-4, rel
+    return ref
+
 def _init(cfg, seed=0, **kw):
     model = QFormer(cfg, **kw)
     audio, mask, text = _inputs(seed)
@@ -160,14 +175,7 @@ def test_matches_transformers_blip2_qformer():
 
     audio, mask, _ = _inputs(3)
     ours = np.asarray(model.apply({"params": params}, audio, mask))
-    query = np.broadcast_to(params["query_tokens"][None], (B,) + params["query_tokens"].shape)
-    with torch.no_grad():
-        ref = hf(query_embeds=torch.from_numpy(np.ascontiguousarray(query)),
-                 encoder_hidden_states=torch.from_numpy(np.array(audio)),
-                 encoder_attention_mask=torch.from_numpy(np.asarray(mask).astype(np.int64))
-                 ).last_hidden_state.numpy()
-    rel = np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
-    assert rel <= 1e-4, rel
+    _assert_matches_blip2(hf, params["query_tokens"], audio, mask, ours)
 
 
 def test_dropout_remat_and_gradients():
@@ -283,7 +291,7 @@ def _blip2_folder(tmp_path, cfg, *, seed=0):
 
 
 def test_blip2_qformer_folder_loads_with_parity(tmp_path):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from avi_jax.checkpoints.qformer import load_qformer, qformer_config
     # every option differs from the defaults: 4 layers with cross-attention on 0 and 3, 6 queries,
     # eps 1e-6, tanh-GELU, audio width E != hidden size
@@ -299,14 +307,7 @@ def test_blip2_qformer_folder_loads_with_parity(tmp_path):
 
     audio, mask, _ = _inputs(7)
     ours = np.asarray(QFormer(cfg).apply({"params": params}, audio, mask))
-    query = np.broadcast_to(np.asarray(params["query_tokens"])[None], (B, 6, cfg.hidden_size))
-    with torch.no_grad():
-        ref = hf(query_embeds=torch.from_numpy(np.ascontiguousarray(query)),
-                 encoder_hidden_states=torch.from_numpy(np.array(audio)),
-                 encoder_attention_mask=torch.from_numpy(np.asarray(mask).astype(np.int64))
-                 ).last_hidden_state.numpy()
-    rel = np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
-    assert rel <= 1e-4, rel
+    ref = _assert_matches_blip2(hf, params["query_tokens"], audio, mask, ours)
     # the test can fail: a different (fresh) cross-attention changes the output
     shifted = jax.tree.map(lambda x: x + 0.1, params["layers_3"]["cross_attn"])
     other = QFormer(cfg).apply(
